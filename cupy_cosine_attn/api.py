@@ -1,0 +1,136 @@
+"""Public API and the one dispatch point between the CPU tiled path and the GPU kernels.
+
+    NumPy array        -> tiled NumPy path
+    torch CPU tensor   -> tiled torch path (autograd through FlashCosineSimAttention)
+    torch CUDA tensor  -> GPU kernels, zero-copy through DLPack
+    CuPy array         -> GPU kernels
+"""
+from __future__ import annotations
+
+
+from . import cpu_tiled
+from ._xp import ops_for
+from .problem import Problem, make_problem
+
+
+def lse_dtype(problem: Problem) -> str:
+    """float32, or float64 for float64 inputs (so float64 gradients keep float64 accuracy)."""
+    return "float64" if problem.dtype == "float64" else "float32"
+
+
+def _backend(problem: Problem) -> str:
+    return "cpu" if problem.device == "cpu" else "gpu"
+
+
+def _run_forward(problem: Problem):
+    """(out, lse) in the caller's layout: out in the input dtype, lse float32 q.shape[:-1]."""
+    if _backend(problem) == "gpu":
+        from . import gpu_bridge
+        return gpu_bridge.forward(problem)
+    ops = ops_for(problem.kind)
+    out, lse = cpu_tiled.tiled_forward(problem)
+    out = ops.reshape(ops.to_dtype_name(out, problem.dtype), problem.q_shape)
+    lse = ops.reshape(ops.to_dtype_name(lse, lse_dtype(problem)), problem.lse_shape)
+    return out, lse
+
+
+def _run_backward(problem: Problem, dout, out, lse, deterministic=False):
+    """(dq, dk, dv, dbias) in the caller's shapes and dtype; dbias None without a bias."""
+    if _backend(problem) == "gpu":
+        from . import gpu_bridge
+        return gpu_bridge.backward(problem, dout, out, lse, deterministic)
+    ops = ops_for(problem.kind)
+    b, h, hk, i, j, d = problem.dims
+    dq, dk, dv, dbias = cpu_tiled.tiled_backward(
+        problem, ops.reshape(dout, (b, h, i, d)), ops.reshape(out, (b, h, i, d)),
+        ops.reshape(lse, (b, h, i)))
+    cast = lambda x, shape: ops.reshape(ops.to_dtype_name(x, problem.dtype), shape)
+    dq = cast(dq, problem.q_shape)
+    dk = cast(dk, problem.k_shape)
+    dv = cast(dv, problem.k_shape)
+    if dbias is not None:
+        dbias = cast(dbias, problem.bias_shape)
+    return dq, dk, dv, dbias
+
+
+def _check_like(name, x, shape, problem, dtype=None):
+    from . import _arrays
+    if _arrays.kind_of(x, name) != problem.kind:
+        raise TypeError(f"{name} must be a {problem.kind} array like q")
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+    want = dtype or problem.dtype
+    if _arrays.dtype_name(x) != want:
+        raise TypeError(f"{name} must have dtype {want}, got {_arrays.dtype_name(x)}")
+    if _arrays.device_of(x) != problem.device:
+        raise ValueError(f"{name} is on {_arrays.device_of(x)} but q is on {problem.device}")
+
+
+def forward(q, k, v, mask=None, attn_bias=None, scale=8, groups=1, causal=False,
+            l2norm_qk=True, attn_bias_batch_dim=False):
+    """Functional forward: returns (out, lse); lse is float32 (float64 for float64 inputs),
+    shape q.shape[:-1]."""
+    problem = make_problem(q, k, v, mask, attn_bias, scale, groups, causal, l2norm_qk,
+                           attn_bias_batch_dim)
+    return _run_forward(problem)
+
+
+def backward(dout, q, k, v, out, lse, mask=None, attn_bias=None, scale=8, groups=1,
+             causal=False, l2norm_qk=True, attn_bias_batch_dim=False, deterministic=False):
+    """Functional backward: returns (dq, dk, dv, dbias); dbias is None without attn_bias."""
+    problem = make_problem(q, k, v, mask, attn_bias, scale, groups, causal, l2norm_qk,
+                           attn_bias_batch_dim)
+    _check_like("dout", dout, problem.q_shape, problem)
+    _check_like("out", out, problem.q_shape, problem)
+    _check_like("lse", lse, problem.lse_shape, problem, dtype=lse_dtype(problem))
+    return _run_backward(problem, dout, out, lse, deterministic)
+
+
+def _autograd_function():
+    """The torch.autograd.Function, built on first use so torch stays an optional import."""
+    global _FlashCosineSimAttention
+    if _FlashCosineSimAttention is not None:
+        return _FlashCosineSimAttention
+    import torch
+
+    class FlashCosineSimAttention(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v, attn_bias, mask, options):
+            problem = make_problem(q, k, v, mask, attn_bias, **options["problem"])
+            out, lse = _run_forward(problem)
+            ctx.save_for_backward(q, k, v, attn_bias, mask, out, lse)
+            ctx.options = options
+            return out
+
+        @staticmethod
+        def backward(ctx, dout):
+            q, k, v, attn_bias, mask, out, lse = ctx.saved_tensors
+            problem = make_problem(q, k, v, mask, attn_bias, **ctx.options["problem"])
+            dq, dk, dv, dbias = _run_backward(problem, dout.contiguous(), out, lse,
+                                              ctx.options["deterministic"])
+            return dq, dk, dv, dbias, None, None
+
+    _FlashCosineSimAttention = FlashCosineSimAttention
+    return FlashCosineSimAttention
+
+
+_FlashCosineSimAttention = None
+
+
+def flash_cosine_sim_attention(q, k, v, mask=None, attn_bias=None, scale=8, groups=1,
+                               causal=False, l2norm_qk=True, attn_bias_batch_dim=False,
+                               *, deterministic=False):
+    """Cosine-similarity attention; drop-in for the original package's function of this name.
+
+    torch tensors (CPU or CUDA) get gradients for q, k, v and attn_bias through autograd.
+    NumPy and CuPy arrays return the output array. `deterministic=True` makes GPU gradients
+    bitwise reproducible.
+    """
+    problem = make_problem(q, k, v, mask, attn_bias, scale, groups, causal, l2norm_qk,
+                           attn_bias_batch_dim)
+    if problem.kind != "torch":
+        return _run_forward(problem)[0]
+    options = {"problem": dict(scale=problem.scale, groups=problem.groups, causal=causal,
+                               l2norm_qk=l2norm_qk, attn_bias_batch_dim=attn_bias_batch_dim),
+               "deterministic": bool(deterministic)}
+    return _autograd_function().apply(q, k, v, attn_bias, mask, options)

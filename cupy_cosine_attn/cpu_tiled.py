@@ -1,0 +1,224 @@
+"""Tiled forward and backward on the CPU, for NumPy arrays and torch CPU tensors.
+
+Memory beyond inputs, outputs and the bias gradient is O(n*d + tile^2): the i x j score matrix is
+never formed. The softmax shift is a constant known before the first tile (docs/semantics.md), so
+a tile's probabilities are final the moment they are computed: no running maximum, no rescaling.
+Only when the logit range is too wide for that (problem.softmax_shift returns None) does the
+forward fall back to an online softmax.
+
+Loops run over (batch, k/v head) slices; the h/hk query heads that share a k/v head are stacked
+in one matmul against the same key tile.
+"""
+import math
+
+from ._xp import ops_for
+from .problem import logit_bound, softmax_shift
+from .reference import grouped_l2norm, grouped_l2norm_backward
+
+ROW_TILE = 256
+COL_TILE = 512
+
+
+class _Prepared:
+    """Inputs in compute precision and (b, hk, g, n, d) layout, shared by forward and backward."""
+
+    def __init__(self, problem):
+        ops = self.ops = ops_for(problem.kind)
+        b, h, hk, i, j, d = problem.dims
+        self.b, self.h, self.hk, self.i, self.j, self.d = b, h, hk, i, j, d
+        self.g = g = h // hk if hk else 1
+        cd = self.cd = ops.compute_dtype(problem.dtype)
+        q = ops.reshape(ops.cast(problem.q, cd), (b, hk, g, i, d))
+        k = ops.cast(problem.k, cd)
+        self.rq = self.rk = None
+        if problem.l2norm_qk:
+            q, self.rq = grouped_l2norm(q, problem.groups, ops, return_r=True)
+            k, self.rk = grouped_l2norm(k, problem.groups, ops, return_r=True)
+        self.qhat, self.khat = q, k
+        self.qs = q * problem.scale          # scale folded into the queries once
+        self.v = ops.cast(problem.v, cd)
+        self.bias = None
+        self.bias_per_head = False
+        if problem.bias is not None:         # canonical (bb, hb, i, j) -> (bb, hk|1, g|1, i, j)
+            bb, hb = problem.bias.shape[:2]
+            self.bias_per_head = hb == h and h > 1
+            self.bias = ops.reshape(problem.bias, (bb, hk, g, i, j) if self.bias_per_head
+                                    else (bb, 1, 1, i, j))
+        self.mask = problem.mask
+        self.causal = problem.causal
+        self.problem = problem
+
+    def bias_tile(self, bi, hi, r0, r1, c0, c1):
+        bias = self.bias
+        t = bias[bi if bias.shape[0] > 1 else 0, hi if bias.shape[1] > 1 else 0,
+                 :, r0:r1, c0:c1]
+        return self.ops.cast(t, self.cd)
+
+    def col_range(self, r1):
+        """Key columns [0, end) that rows < r1 can see."""
+        if not self.causal:
+            return self.j
+        return max(0, min(self.j, r1 + self.j - self.i))
+
+    def first_row(self, c0):
+        """First query row that can see key c0."""
+        if not self.causal:
+            return 0
+        return max(0, c0 - (self.j - self.i))
+
+    def visible_tile(self, bi, r0, r1, c0, c1):
+        """Bool (Ti, Tj) or (1, Tj) of visible keys in this tile, or None when all are visible."""
+        ops = self.ops
+        vis = None
+        if self.causal and c1 - 1 > r0 + self.j - self.i:   # the diagonal crosses this tile
+            rows = ops.reshape(ops.arange(r1 - r0), (r1 - r0, 1)) + r0
+            cols = ops.reshape(ops.arange(c1 - c0), (1, c1 - c0)) + c0
+            vis = cols <= rows + (self.j - self.i)
+        if self.mask is not None:
+            m = ops.reshape(self.mask[bi, c0:c1], (1, c1 - c0))
+            vis = m if vis is None else (vis & m)
+        return vis
+
+    def shift(self, p_dtype="float32"):
+        ops, problem = self.ops, self.problem
+        q_max = k_max = None
+        if not problem.l2norm_qk:
+            q_max = _max_norm(self.qhat, ops)
+            k_max = _max_norm(self.khat, ops)
+        bmax = bmin = 0.0
+        if self.bias is not None:
+            bmax = ops.scalar(self.bias.max())
+            bmin = ops.scalar(self.bias.min())
+        return softmax_shift(logit_bound(problem, q_max, k_max), bmax, bmin, p_dtype)
+
+
+def _max_norm(x, ops):
+    if x.shape[-2] == 0 or x.shape[-1] == 0:
+        return 0.0
+    return ops.scalar(ops.sqrt(ops.sum(x * x, axis=-1)).max())
+
+
+def _zero_hidden(p, vis, ops):
+    if vis is not None:
+        p *= ops.cast(vis, p.dtype)
+    return p
+
+
+def tiled_forward(problem, row_tile=ROW_TILE, col_tile=COL_TILE):
+    """(out (b, h, i, d) in compute dtype, lse (b, h, i) float32) of a canonical Problem."""
+    pre = _Prepared(problem)
+    ops = pre.ops
+    b, hk, g, i, j, d = pre.b, pre.hk, pre.g, pre.i, pre.j, pre.d
+    out = ops.zeros((b, hk, g, i, d), pre.cd)
+    lse = ops.full((b, hk, g, i), -math.inf, pre.cd)
+    if b * hk * g * i > 0:
+        shift = pre.shift() if j > 0 else 0.0
+        for bi in range(b):
+            for hi in range(hk):
+                for r0 in range(0, i, row_tile):
+                    r1 = min(i, r0 + row_tile)
+                    o_t, lse_t = _forward_rows(pre, shift, bi, hi, r0, r1, col_tile)
+                    out[bi, hi, :, r0:r1] = o_t
+                    lse[bi, hi, :, r0:r1] = lse_t
+    out = ops.reshape(out, (b, pre.h, i, d))
+    lse = ops.reshape(lse, (b, pre.h, i))
+    return out, lse
+
+
+def _forward_rows(pre, shift, bi, hi, r0, r1, col_tile):
+    ops = pre.ops
+    qt = pre.qs[bi, hi, :, r0:r1]                      # (g, Ti, d)
+    k, v = pre.khat[bi, hi], pre.v[bi, hi]             # (j, d)
+    acc = ops.zeros((pre.g, r1 - r0, pre.d), pre.cd)
+    lsum = ops.zeros((pre.g, r1 - r0, 1), pre.cd)
+    online = shift is None
+    m = ops.full((pre.g, r1 - r0, 1), -math.inf, pre.cd) if online else None
+    for c0 in range(0, pre.col_range(r1), col_tile):
+        c1 = min(pre.j, c0 + col_tile)
+        s = qt @ ops.mT(k[c0:c1])                      # (g, Ti, Tj)
+        if pre.bias is not None:
+            s += pre.bias_tile(bi, hi, r0, r1, c0, c1)
+        vis = pre.visible_tile(bi, r0, r1, c0, c1)
+        if online:
+            if vis is not None:
+                s = ops.where(vis, s, -math.inf)
+            m_new = ops.maximum(m, ops.amax(s, axis=-1, keepdim=True))
+            m_safe = ops.where(ops.isfinite(m_new), m_new, 0.0)
+            alpha = ops.exp(ops.where(ops.isfinite(m), m, m_safe) - m_safe)
+            acc *= alpha
+            lsum *= alpha
+            s -= m_safe
+            p = ops.exp_(s)
+            m = m_new
+        else:
+            s -= shift
+            p = _zero_hidden(ops.exp_(s), vis, ops)
+        lsum += ops.sum(p, axis=-1, keepdim=True)
+        acc += p @ v[c0:c1]
+    seen = lsum > 0
+    out = acc / ops.where(seen, lsum, 1.0)
+    base = ops.where(ops.isfinite(m), m, 0.0) if online else shift
+    lse = ops.where(seen, ops.log(ops.where(seen, lsum, 1.0)) + base, -math.inf)
+    return out, lse[..., 0]
+
+
+def tiled_backward(problem, dout, out, lse, row_tile=ROW_TILE, col_tile=COL_TILE):
+    """(dq, dk, dv, dbias) in compute dtype, canonical shapes; dbias (bb, hb, i, j) or None."""
+    pre = _Prepared(problem)
+    ops = pre.ops
+    b, hk, g, i, j, d, cd = pre.b, pre.hk, pre.g, pre.i, pre.j, pre.d, pre.cd
+    do = ops.reshape(ops.cast(dout, cd), (b, hk, g, i, d))
+    o = ops.reshape(ops.cast(out, cd), (b, hk, g, i, d))
+    delta = ops.sum(do * o, axis=-1, keepdim=True)                       # D = <dO, O>
+    lse = ops.reshape(ops.cast(lse, cd), (b, hk, g, i, 1))
+    lse = ops.where(ops.isfinite(lse), lse, math.inf)   # rows with no key: P = exp(-inf) = 0
+    dqs = ops.zeros((b, hk, g, i, d), cd)
+    dk = ops.zeros((b, hk, j, d), cd)
+    dv = ops.zeros((b, hk, j, d), cd)
+    dbias = ops.zeros(tuple(pre.bias.shape), cd) if pre.bias is not None else None
+    for bi in range(b):
+        for hi in range(hk):
+            for c0 in range(0, j, col_tile):
+                c1 = min(j, c0 + col_tile)
+                kt, vt = pre.khat[bi, hi, c0:c1], pre.v[bi, hi, c0:c1]
+                dk_t = ops.zeros((c1 - c0, d), cd)
+                dv_t = ops.zeros((c1 - c0, d), cd)
+                start = (pre.first_row(c0) // row_tile) * row_tile
+                for r0 in range(start, i, row_tile):
+                    r1 = min(i, r0 + row_tile)
+                    qt = pre.qs[bi, hi, :, r0:r1]
+                    s = qt @ ops.mT(kt)
+                    if pre.bias is not None:
+                        s += pre.bias_tile(bi, hi, r0, r1, c0, c1)
+                    s -= lse[bi, hi, :, r0:r1]
+                    p = _zero_hidden(ops.exp_(s), pre.visible_tile(bi, r0, r1, c0, c1), ops)
+                    dot = do[bi, hi, :, r0:r1]
+                    dv_t += ops.sum(ops.mT(p) @ dot, axis=0)
+                    ds = dot @ ops.mT(vt)
+                    ds -= delta[bi, hi, :, r0:r1]
+                    ds *= p                                               # dS = P (dP - D)
+                    dqs[bi, hi, :, r0:r1] += ds @ kt
+                    dk_t += ops.sum(ops.mT(ds) @ qt, axis=0)
+                    if dbias is not None:
+                        _add_bias_grad(pre, dbias, ds, bi, hi, r0, r1, c0, c1)
+                dk[bi, hi, c0:c1] = dk_t
+                dv[bi, hi, c0:c1] = dv_t
+    dqhat = dqs * problem.scale
+    if problem.l2norm_qk:
+        dq = grouped_l2norm_backward(dqhat, pre.qhat, pre.rq, problem.groups, ops)
+        dk = grouped_l2norm_backward(dk, pre.khat, pre.rk, problem.groups, ops)
+    else:
+        dq = dqhat
+    dq = ops.reshape(dq, (b, pre.h, i, d))
+    if dbias is not None:
+        dbias = ops.reshape(dbias, tuple(problem.bias.shape))
+    return dq, dk, dv, dbias
+
+
+def _add_bias_grad(pre, dbias, ds, bi, hi, r0, r1, c0, c1):
+    """Add a tile's dS into the bias gradient, summing over the dims the bias broadcasts over."""
+    bsel = bi if dbias.shape[0] > 1 else 0
+    if pre.bias_per_head:
+        dbias[bsel, hi, :, r0:r1, c0:c1] += ds
+    else:
+        dbias[bsel, 0, 0, r0:r1, c0:c1] += pre.ops.sum(ds, axis=0)
