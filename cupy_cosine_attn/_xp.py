@@ -66,6 +66,24 @@ class NumpyOps:
     def scalar(x):
         return float(x)
 
+    @staticmethod
+    def contiguous(x):
+        return np.ascontiguousarray(x)
+
+    @staticmethod
+    def mm_acc(acc, a, b):
+        """acc += a @ b in place (acc is a view into a larger array)."""
+        acc += a @ b
+
+    @staticmethod
+    def mm(a, b, out=None):
+        """a @ b with b broadcast over a's second dim: (C, g, X, Y) @ (C, 1, Y, Z)."""
+        return np.matmul(a, b, out=out)
+
+    @staticmethod
+    def flat_empty(n, dtype):
+        return np.empty(n, dtype=dtype)
+
 
 class TorchOps:
     name = "torch"
@@ -152,6 +170,39 @@ class TorchOps:
     @staticmethod
     def scalar(x):
         return float(x)
+
+    @staticmethod
+    def contiguous(x):
+        return x.contiguous()
+
+    @staticmethod
+    def mm(a, b, out=None):
+        """a @ b with b broadcast over a's second dim: (C, g, X, Y) @ (C, 1, Y, Z).
+
+        Batched 3-D GEMMs per query head of a group: torch's 4-D broadcasting matmul copies.
+        """
+        import torch
+        if out is None:
+            out = torch.empty(a.shape[:-1] + b.shape[-1:], dtype=a.dtype)
+        for g in range(a.shape[1]):
+            torch.bmm(a[:, g], b[:, 0], out=out[:, g])
+        return out
+
+    @staticmethod
+    def flat_empty(n, dtype):
+        import torch
+        return torch.empty(n, dtype=dtype)
+
+    @staticmethod
+    def mm_acc(acc, a, b):
+        """acc += a @ b in place, through BLAS's accumulating GEMM (no temporary product)."""
+        if a.dim() == 4 and b.dim() == 4 and a.shape[1] == 1 and b.shape[1] == 1:
+            acc[:, 0].baddbmm_(a[:, 0], b[:, 0])
+        elif a.dim() == 4 and b.dim() == 4 and b.shape[1] == 1:
+            for g in range(a.shape[1]):
+                acc[:, g].baddbmm_(a[:, g], b[:, 0])
+        else:
+            acc.add_(a @ b)
 
 
 def ops_for(kind):
