@@ -71,6 +71,11 @@ class NumpyOps:
         return np.ascontiguousarray(x)
 
     @staticmethod
+    def keep_where(x, keep):
+        """x[~keep] = 0 in place (keep broadcasts against x)."""
+        np.multiply(x, keep, out=x)
+
+    @staticmethod
     def mm_acc(acc, a, b):
         """acc += a @ b in place (acc is a view into a larger array)."""
         acc += a @ b
@@ -174,6 +179,11 @@ class TorchOps:
     @staticmethod
     def contiguous(x):
         return x.contiguous()
+
+    @staticmethod
+    def keep_where(x, keep):
+        """x[~keep] = 0 in place (keep broadcasts against x)."""
+        x.masked_fill_(~keep, 0.0)
 
     @staticmethod
     def mm(a, b, out=None):

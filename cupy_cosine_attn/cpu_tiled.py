@@ -121,7 +121,7 @@ def _max_norm(x, ops):
 
 def _zero_hidden(p, vis, ops):
     if vis is not None:
-        p *= ops.cast(vis, p.dtype)
+        ops.keep_where(p, vis)
     return p
 
 

@@ -1,0 +1,109 @@
+"""Moves a GPU call between its caller's framework and the CuPy-launched kernels, zero-copy.
+
+torch CUDA tensors travel through DLPack (bfloat16 as a same-size int16 view, since CuPy may lack
+the dtype; kernels take the dtype from the Problem, never from the arrays). Outputs are allocated
+by the caller's framework (torch's caching allocator for torch) and written in place by the
+kernels, which run on the caller's current stream and device.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import replace
+
+from .problem import Problem
+
+
+def _cupy():
+    try:
+        import cupy
+    except ImportError as e:  # pragma: no cover - depends on the machine
+        raise RuntimeError(
+            "GPU inputs need CuPy: pip install 'cupy-cosine-attn[cuda12]' (or [cuda13])") from e
+    return cupy
+
+
+def _device_index(problem):
+    return int(problem.device.split(":")[1])
+
+
+def _as_cupy(x):
+    """A CuPy view of a torch CUDA tensor or CuPy array (None passes through)."""
+    if x is None or type(x).__module__.split(".")[0] == "cupy":
+        return x
+    import torch
+    t = x.detach()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    if t.dtype == torch.bool:
+        t = t.view(torch.uint8)
+    return _cupy().from_dlpack(t)
+
+
+@contextlib.contextmanager
+def _on_callers_stream(problem):
+    """Run on the caller's device and current stream (looked up per call: graph capture moves it)."""
+    cupy = _cupy()
+    idx = _device_index(problem)
+    with cupy.cuda.Device(idx):
+        if problem.kind == "torch":
+            import torch
+            stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(idx).cuda_stream, idx)
+            with stream:
+                yield
+        else:
+            yield
+
+
+def _empty(problem, shape, dtype_name):
+    if problem.kind == "torch":
+        import torch
+        return torch.empty(shape, dtype=getattr(torch, dtype_name), device=problem.device)
+    cupy = _cupy()
+    return cupy.empty(shape, dtype=cupy.dtype(dtype_name) if dtype_name != "bfloat16"
+                      else problem.q.dtype)
+
+
+def _contiguous(x):
+    return x.contiguous() if hasattr(x, "contiguous") else _cupy().ascontiguousarray(x)
+
+
+def _cupy_problem(problem: Problem) -> Problem:
+    return replace(problem, kind="cupy", q=_as_cupy(problem.q), k=_as_cupy(problem.k),
+                   v=_as_cupy(problem.v), mask=_as_cupy(problem.mask), bias=_as_cupy(problem.bias))
+
+
+def forward(problem: Problem):
+    """(out, lse) in the caller's framework and layout."""
+    b, h, hk, i, j, d = problem.dims
+    out = _empty(problem, problem.q_shape, problem.dtype)
+    lse = _empty(problem, problem.lse_shape, "float32")
+    if math.prod(problem.q_shape) == 0 and math.prod(problem.lse_shape) == 0:
+        return out, lse
+    from .gpu.forward import gpu_forward
+    with _on_callers_stream(problem):
+        gpu_forward(_cupy_problem(problem), _as_cupy(out).reshape(b, h, i, d),
+                    _as_cupy(lse).reshape(b, h, i))
+    return out, lse
+
+
+def backward(problem: Problem, dout, out, lse, deterministic=False):
+    """(dq, dk, dv, dbias) in the caller's framework and shapes."""
+    b, h, hk, i, j, d = problem.dims
+    dq = _empty(problem, problem.q_shape, problem.dtype)
+    dk = _empty(problem, problem.k_shape, problem.dtype)
+    dv = _empty(problem, problem.k_shape, problem.dtype)
+    dbias = None
+    if problem.bias is not None:
+        dbias = _empty(problem, problem.bias_shape, problem.dtype)
+    from .gpu.backward import gpu_backward
+    with _on_callers_stream(problem):
+        canon_bias = None if dbias is None else _as_cupy(dbias).reshape(problem.bias.shape)
+        gpu_backward(_cupy_problem(problem),
+                     _as_cupy(_contiguous(dout)).reshape(b, h, i, d),
+                     _as_cupy(_contiguous(out)).reshape(b, h, i, d),
+                     _as_cupy(_contiguous(lse)).reshape(b, h, i),
+                     _as_cupy(dq).reshape(b, h, i, d), _as_cupy(dk).reshape(b, hk, j, d),
+                     _as_cupy(dv).reshape(b, hk, j, d), canon_bias,
+                     deterministic=deterministic)
+    return dq, dk, dv, dbias
