@@ -1,7 +1,7 @@
 """Public API and the one dispatch point between the CPU tiled path and the GPU kernels.
 
     NumPy array        -> tiled NumPy path
-    torch CPU tensor   -> tiled torch path (autograd through FlashCosineSimAttention)
+    torch CPU tensor   -> tiled torch path (autograd through the custom ops in torch_ops)
     torch CUDA tensor  -> GPU kernels, zero-copy through DLPack
     CuPy array         -> GPU kernels
 """
@@ -86,43 +86,13 @@ def backward(dout, q, k, v, out, lse, mask=None, attn_bias=None, scale=8, groups
     return _run_backward(problem, dout, out, lse, deterministic)
 
 
-def _autograd_function():
-    """The torch.autograd.Function, built on first use so torch stays an optional import."""
-    global _FlashCosineSimAttention
-    if _FlashCosineSimAttention is not None:
-        return _FlashCosineSimAttention
-    import torch
-
-    class FlashCosineSimAttention(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, q, k, v, attn_bias, mask, options):
-            problem = make_problem(q, k, v, mask, attn_bias, **options["problem"])
-            out, lse = _run_forward(problem)
-            ctx.save_for_backward(q, k, v, attn_bias, mask, out, lse)
-            ctx.options = options
-            return out
-
-        @staticmethod
-        def backward(ctx, dout):
-            q, k, v, attn_bias, mask, out, lse = ctx.saved_tensors
-            problem = make_problem(q, k, v, mask, attn_bias, **ctx.options["problem"])
-            dq, dk, dv, dbias = _run_backward(problem, dout.contiguous(), out, lse,
-                                              ctx.options["deterministic"])
-            return dq, dk, dv, dbias, None, None
-
-    _FlashCosineSimAttention = FlashCosineSimAttention
-    return FlashCosineSimAttention
-
-
-_FlashCosineSimAttention = None
-
-
 def flash_cosine_sim_attention(q, k, v, mask=None, attn_bias=None, scale=8, groups=1,
                                causal=False, l2norm_qk=True, attn_bias_batch_dim=False,
                                *, deterministic=False):
     """Cosine-similarity attention; drop-in for the original package's function of this name.
 
-    torch tensors (CPU or CUDA) get gradients for q, k, v and attn_bias through autograd.
+    torch tensors (CPU or CUDA) get gradients for q, k, v and attn_bias through autograd, via the
+    custom ops in torch_ops (so torch.compile and CUDA graphs see one opaque op).
     NumPy and CuPy arrays return the output array. `deterministic=True` makes GPU gradients
     bitwise reproducible.
     """
@@ -130,7 +100,9 @@ def flash_cosine_sim_attention(q, k, v, mask=None, attn_bias=None, scale=8, grou
                            attn_bias_batch_dim)
     if problem.kind != "torch":
         return _run_forward(problem)[0]
-    options = {"problem": dict(scale=problem.scale, groups=problem.groups, causal=causal,
-                               l2norm_qk=l2norm_qk, attn_bias_batch_dim=attn_bias_batch_dim),
-               "deterministic": bool(deterministic)}
-    return _autograd_function().apply(q, k, v, attn_bias, mask, options)
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    from .torch_ops import attn_forward
+    out, _ = attn_forward(q, k, v, mask, attn_bias, problem.scale, problem.groups,
+                          problem.causal, problem.l2norm_qk, attn_bias_batch_dim, deterministic)
+    return out
