@@ -1,0 +1,54 @@
+"""The torch custom ops: registration (opcheck), torch.compile without graph breaks, autograd."""
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import cupy_cosine_attn as ca  # noqa: E402
+from cupy_cosine_attn.torch_ops import attn_backward, attn_forward  # noqa: E402
+
+
+def _inputs(seed=0, bias=True, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 4, 19, 16, generator=g, dtype=dtype, requires_grad=True)
+    k = torch.randn(2, 2, 23, 16, generator=g, dtype=dtype, requires_grad=True)
+    v = torch.randn(2, 2, 23, 16, generator=g, dtype=dtype, requires_grad=True)
+    b = torch.randn(4, 19, 23, generator=g, dtype=dtype, requires_grad=True) if bias else None
+    mask = torch.rand(2, 23, generator=g) > 0.2
+    return q, k, v, mask, b
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_opcheck_forward(with_bias):
+    q, k, v, mask, b = _inputs(bias=with_bias)
+    torch.library.opcheck(attn_forward, (q, k, v, mask, b, 8.0, 1, True, True, False, False))
+
+
+def test_opcheck_backward():
+    q, k, v, mask, b = _inputs()
+    out, lse = attn_forward(q, k, v, mask, b, 8.0, 1, True, True, False, False)
+    dout = torch.randn_like(out)
+    args = (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), mask,
+            b.detach(), 8.0, 1, True, True, False, False)
+    torch.library.opcheck(attn_backward, args)
+
+
+def test_compile_fullgraph_matches_eager():
+    q, k, v, mask, b = _inputs(seed=1)
+
+    def f(q, k, v, b):
+        return ca.flash_cosine_sim_attention(q, k, v, mask=mask, attn_bias=b, causal=True)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out_c = compiled(q, k, v, b)
+    out_e = f(q, k, v, b)
+    assert torch.equal(out_c, out_e)
+    gc = torch.autograd.grad(out_c.sum(), (q, k, v, b))
+    ge = torch.autograd.grad(out_e.sum(), (q, k, v, b))
+    for x, y in zip(gc, ge):
+        assert torch.equal(x, y)
+
+
+def test_deterministic_flag_must_be_bool():
+    q, k, v, _, _ = _inputs(bias=False)
+    with pytest.raises(TypeError, match="deterministic"):
+        ca.flash_cosine_sim_attention(q, k, v, deterministic="yes")
