@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from dataclasses import replace
 
 from .problem import Problem
@@ -56,12 +57,19 @@ def _on_callers_stream(problem):
 
 
 def _empty(problem, shape, dtype_name):
+    """Uninitialised output; NaN-filled when CUPY_COSINE_ATTN_POISON=1 (tests: every element
+    must be written by the kernels)."""
+    poison = os.environ.get("CUPY_COSINE_ATTN_POISON") == "1"
     if problem.kind == "torch":
         import torch
-        return torch.empty(shape, dtype=getattr(torch, dtype_name), device=problem.device)
-    cupy = _cupy()
-    return cupy.empty(shape, dtype=cupy.dtype(dtype_name) if dtype_name != "bfloat16"
-                      else problem.q.dtype)
+        x = torch.empty(shape, dtype=getattr(torch, dtype_name), device=problem.device)
+    else:
+        cupy = _cupy()
+        x = cupy.empty(shape, dtype=cupy.dtype(dtype_name) if dtype_name != "bfloat16"
+                       else problem.q.dtype)
+    if poison:
+        x.fill_(float("nan")) if problem.kind == "torch" else x.fill(float("nan"))
+    return x
 
 
 def _contiguous(x):
@@ -80,7 +88,7 @@ def forward(problem: Problem):
     lse = _empty(problem, problem.lse_shape, "float32")
     if math.prod(problem.q_shape) == 0 and math.prod(problem.lse_shape) == 0:
         return out, lse
-    from .gpu.forward import gpu_forward
+    from .gpu_launch import gpu_forward
     with _on_callers_stream(problem):
         gpu_forward(_cupy_problem(problem), _as_cupy(out).reshape(b, h, i, d),
                     _as_cupy(lse).reshape(b, h, i))
@@ -96,7 +104,7 @@ def backward(problem: Problem, dout, out, lse, deterministic=False):
     dbias = None
     if problem.bias is not None:
         dbias = _empty(problem, problem.bias_shape, problem.dtype)
-    from .gpu.backward import gpu_backward
+    from .gpu_launch import gpu_backward
     with _on_callers_stream(problem):
         canon_bias = None if dbias is None else _as_cupy(dbias).reshape(problem.bias.shape)
         gpu_backward(_cupy_problem(problem),

@@ -68,13 +68,13 @@ def truth(q, k, v, mask=None, bias=None, scale=8.0, groups=1, causal=False, l2no
             s = s + bias[:, None]
         else:
             s = s + bias[None]
-    visible = torch.ones(b, 1, i, j, dtype=torch.bool)
+    visible = torch.ones(b, 1, i, j, dtype=torch.bool, device=q.device)
     if causal:
-        r = torch.arange(i)[:, None]
-        c = torch.arange(j)[None, :]
+        r = torch.arange(i, device=q.device)[:, None]
+        c = torch.arange(j, device=q.device)[None, :]
         visible = visible & (c <= r + (j - i))
     if mask is not None:
-        visible = visible & mask[:, None, None, :]
+        visible = visible & mask.to(q.device)[:, None, None, :]
     s = s.masked_fill(~visible, -math.inf)
     m = s.amax(-1, keepdim=True).detach()
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))

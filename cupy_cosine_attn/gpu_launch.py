@@ -1,0 +1,187 @@
+"""Launchers for the GPU kernels: turn a canonical Problem of CuPy arrays into kernel launches.
+
+Arrays may be raw-bit views (bfloat16 as int16): every launch takes its element type from
+`problem.dtype`, never from the arrays. Everything runs on CuPy's current stream, which the
+caller (gpu_bridge) points at the framework's stream.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .kernel_build import KernelSpec, get_function
+from .problem import logit_bound, softmax_shift
+
+CTYPE = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"}
+SUPPORTED_HEAD_DIMS = tuple(range(16, 257, 8))
+MMA_BM = 64          # query rows per CTA of the mma kernels (4 warps x 16)
+SIMT_ROWS = 4        # query rows per CTA of the fp32 kernels (one warp each)
+WARPS_PER_ROW_BLOCK = 8
+
+
+def check_head_dim(d):
+    if d not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dim d={d} is not supported on the GPU; supported: multiples of 8 "
+                         f"from 16 to 256 ({', '.join(map(str, SUPPORTED_HEAD_DIMS))})")
+
+
+def padded_dim(dtype, d):
+    """Head dim the kernel template is instantiated for: 16s for mma tiles, 32s for fp32 lanes."""
+    step = 32 if dtype == "float32" else 16
+    return -(-d // step) * step
+
+
+def kernel_path(dtype, d):
+    """Which kernel family a (dtype, head dim) runs on."""
+    check_head_dim(d)
+    return "sm80-simt-fp32" if dtype == "float32" else "sm80-mma"
+
+
+def _cp():
+    import cupy
+    return cupy
+
+
+def _i32(x):
+    return np.int32(x)
+
+
+def _rows_grid(rows):
+    return (max(1, -(-rows // WARPS_PER_ROW_BLOCK)),), (32 * WARPS_PER_ROW_BLOCK,)
+
+
+def contiguous_aligned(x):
+    """C-contiguous with a 16-byte aligned base (cp.async reads 16 bytes at a time)."""
+    cp = _cp()
+    if x.flags.c_contiguous and x.data.ptr % 16 == 0:
+        return x
+    y = cp.empty(x.shape, dtype=x.dtype)
+    y[...] = x
+    return y
+
+
+def normalize(x, dtype, groups, l2norm):
+    """(xhat contiguous, r (rows, groups) float32 or None) -- docs/semantics.md's grouped l2norm."""
+    cp = _cp()
+    x = contiguous_aligned(x)
+    if not l2norm:
+        return x, None
+    d = x.shape[-1]
+    rows = x.size // d if d else 0
+    xhat = cp.empty_like(x)
+    r = cp.empty((rows, groups), dtype=cp.float32)
+    if rows:
+        fn = get_function(KernelSpec("prep.cu", f"l2norm_rows<{CTYPE[dtype]}>"))
+        grid, block = _rows_grid(rows)
+        fn(grid, block, (x, xhat, r, np.int64(rows), _i32(d), _i32(groups)))
+    return xhat, r
+
+
+def _max_norm(x, dtype):
+    """Largest l2 norm of x's rows (for the logit bound when inputs are not normalised here)."""
+    cp = _cp()
+    _, r = normalize(x, dtype, 1, True)
+    if r.size == 0:
+        return 0.0
+    nz = r[r > 0]
+    return float((1.0 / nz.min()).get()) if nz.size else 0.0
+
+
+def to_float32(x, dtype):
+    """A float32 copy of x (bfloat16 raw-bit views included)."""
+    cp = _cp()
+    x = contiguous_aligned(x)
+    y = cp.empty(x.shape, dtype=cp.float32)
+    if x.size:
+        fn = get_function(KernelSpec("prep.cu", f"cast_to_float<{CTYPE[dtype]}>"))
+        fn((min(65535, -(-x.size // 256)),), (256,), (x, y, np.int64(x.size)))
+    return y
+
+
+def bias_args(bias, dtype):
+    """(pointer array or None, strides in elements (0 on broadcast dims)) of a canonical bias."""
+    if bias is None:
+        return None, (0, 0, 0)
+    if bias.strides[-1] != bias.itemsize or bias.data.ptr % bias.itemsize:
+        bias = contiguous_aligned(bias)
+    bb, hb = bias.shape[:2]
+    st = [s // bias.itemsize for s in bias.strides]
+    return bias, (0 if bb == 1 else st[0], 0 if hb == 1 else st[1], st[2])
+
+
+def mask_arg(mask):
+    if mask is None:
+        return None
+    cp = _cp()
+    m = mask.view(cp.uint8) if mask.dtype == cp.bool_ else mask
+    return cp.ascontiguousarray(m)
+
+
+def choose_shift(problem, q, k):
+    """The fixed softmax shift (natural units) or None for the online variant."""
+    p_dtype = "float16" if problem.dtype == "float16" else "float32"
+    qmax = kmax = None
+    if not problem.l2norm_qk:
+        qmax, kmax = _max_norm(q, problem.dtype), _max_norm(k, problem.dtype)
+    bmax = bmin = 0.0
+    if problem.bias is not None and problem.bias.size:
+        b32 = to_float32(problem.bias, problem.dtype)
+        bmax, bmin = float(b32.max().get()), float(b32.min().get())
+    return softmax_shift(logit_bound(problem, qmax, kmax), bmax, bmin, p_dtype)
+
+
+_SMEM_SET = {}
+
+
+def _set_smem(fn, nbytes):
+    """Raise a kernel's dynamic shared-memory limit once (never during graph capture replays)."""
+    if nbytes > 48 * 1024 and _SMEM_SET.get(id(fn), 0) < nbytes:
+        fn.max_dynamic_shared_size_bytes = nbytes
+        _SMEM_SET[id(fn)] = nbytes
+
+
+def ptr(x):
+    """A kernel pointer argument: the array, or a null pointer for None."""
+    return np.uint64(0) if x is None else x
+
+
+def gpu_forward(problem, out, lse):
+    """Write out (b, h, i, d) and lse (b, h, i) float32 of a canonical CuPy Problem."""
+    cp = _cp()
+    b, h, hk, i, j, d = problem.dims
+    check_head_dim(d)
+    if b * h * i == 0:
+        return
+    if j == 0:                      # no keys: every row sees nothing
+        out[...] = 0
+        lse[...] = -np.inf
+        return
+    dtype = problem.dtype
+    qhat, _ = normalize(problem.q, dtype, problem.groups, problem.l2norm_qk)
+    khat, _ = normalize(problem.k, dtype, problem.groups, problem.l2norm_qk)
+    v = contiguous_aligned(problem.v)
+    shift = choose_shift(problem, qhat, khat)
+    launch_forward(problem, qhat, khat, v, out, lse, shift)
+
+
+def launch_forward(problem, qhat, khat, v, out, lse, shift):
+    b, h, hk, i, j, d = problem.dims
+    dtype = problem.dtype
+    online = shift is None
+    dp = padded_dim(dtype, d)
+    bias, (sb, sh, si) = bias_args(problem.bias, dtype)
+    mask = mask_arg(problem.mask)
+    args = (qhat, khat, v, ptr(bias), ptr(mask), out, lse, np.int64(sb), np.int64(sh), np.int64(si),
+            _i32(b), _i32(h), _i32(hk), _i32(i), _i32(j), _i32(d), _i32(problem.causal),
+            np.float32(problem.scale * math.log2(math.e)),
+            np.float32(0.0 if online else shift * math.log2(math.e)))
+    flag = "true" if online else "false"
+    if dtype == "float32":
+        fn = get_function(KernelSpec("cosine_fwd.cu", f"attn_fwd_simt<{dp}, {flag}>"))
+        fn((b * h * (-(-i // SIMT_ROWS)),), (128,), args)
+    else:
+        fn = get_function(KernelSpec("cosine_fwd.cu", f"attn_fwd_mma<{dp}, {CTYPE[dtype]}, {flag}>"))
+        smem = (MMA_BM + 4 * 64) * (dp + 8) * 2
+        _set_smem(fn, smem)
+        fn((b * h * (-(-i // MMA_BM)),), (128,), args, shared_mem=smem)

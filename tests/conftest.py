@@ -1,0 +1,221 @@
+"""Shared test set-up: the float64 ground truth (written from docs/semantics.md, independent of the
+package's own reference), seeded input factories, hypothesis profile, and GPU-marker skipping.
+
+Test modules import the helpers with `from conftest import ...`; this directory is put on
+sys.path so that works under any pytest import mode.
+"""
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from hypothesis import settings  # noqa: E402
+
+# Seeded and reproducible: the same examples on every run, no per-example deadline (first calls
+# pay for lazy imports), few enough examples for the whole CPU suite to stay within minutes.
+settings.register_profile("cpu", derandomize=True, deadline=None, max_examples=30,
+                          print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "cpu"))
+
+NORM_EPS = 1e-12     # docs/semantics.md: chunks with norm <= 1e-12 normalise to zero
+
+
+# ----------------------------------------------------------------------------------------------
+# Ground truth
+# ----------------------------------------------------------------------------------------------
+
+def _grouped_l2norm(x, groups):
+    d = x.shape[-1]
+    xg = x.reshape(*x.shape[:-1], groups, d // groups)
+    n = torch.linalg.vector_norm(xg, dim=-1, keepdim=True)
+    # The untaken branch is finite too (clamp), so no NaN leaks into the gradient.
+    r = torch.where(n > NORM_EPS, 1.0 / n.clamp_min(NORM_EPS), torch.zeros_like(n))
+    return (xg * r).reshape(x.shape)
+
+
+def ref_attention(q, k, v, mask=None, attn_bias=None, scale=8.0, groups=1, causal=False,
+                  l2norm_qk=True, attn_bias_batch_dim=False):
+    """(out, lse) in float64 straight from the definition; differentiable through torch autograd.
+
+    Takes torch tensors or NumPy arrays in any caller layout: q (b, h, i, d) with k, v
+    (b, hk, j, d) or (b, j, d); or merged q, k, v (B, n, d). Rows with no visible key give
+    out = 0 and lse = -inf, and pass no gradient.
+    """
+    q, k, v = (_t64(t) for t in (q, k, v))
+    merged = q.dim() == 3
+    if merged:
+        q, k, v = q[:, None], k[:, None], v[:, None]
+    elif k.dim() == 3:
+        k, v = k[:, None], v[:, None]
+    b, h, i, d = q.shape
+    hk, j = k.shape[1], k.shape[2]
+    if l2norm_qk:
+        q, k = _grouped_l2norm(q, groups), _grouped_l2norm(k, groups)
+    if hk and h:
+        k = k.repeat_interleave(h // hk, dim=1)      # query head hq reads k/v head hq // (h/hk)
+        v = v.repeat_interleave(h // hk, dim=1)
+    if j == 0 or h == 0:
+        out = q * 0.0
+        return _unmerge(out, torch.full(out.shape[:-1], -math.inf, dtype=torch.float64), merged)
+    s = scale * (q @ k.transpose(-1, -2))
+    if attn_bias is not None:
+        bias = _t64(attn_bias)
+        if bias.dim() == 4:
+            s = s + bias
+        elif merged or attn_bias_batch_dim:
+            s = s + bias[:, None]
+        else:
+            s = s + bias[None]
+    visible = torch.ones(b, 1, i, j, dtype=torch.bool)
+    if causal:
+        rows = torch.arange(i)[:, None]
+        cols = torch.arange(j)[None, :]
+        visible = visible & (cols <= rows + (j - i))
+    if mask is not None:
+        visible = visible & torch.as_tensor(np.asarray(mask) if isinstance(mask, np.ndarray)
+                                            else mask)[:, None, None, :]
+    s = s.masked_fill(~visible, -math.inf)
+    m = s.amax(dim=-1, keepdim=True).detach()
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(s - m)
+    den = e.sum(dim=-1, keepdim=True)
+    seen = den > 0
+    out = (e / torch.where(seen, den, torch.ones_like(den))) @ v
+    lse = torch.where(seen, torch.log(torch.where(seen, den, torch.ones_like(den))) + m,
+                      torch.full_like(den, -math.inf))[..., 0]
+    return _unmerge(out, lse, merged)
+
+
+def _unmerge(out, lse, merged):
+    return (out[:, 0], lse[:, 0]) if merged else (out, lse)
+
+
+def _t64(x):
+    """float64 torch view of x keeping autograd history (NumPy arrays are converted)."""
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(x.astype(np.float64))
+    return x.to(torch.float64)
+
+
+def ref_grads(q, k, v, dout, mask=None, attn_bias=None, **kw):
+    """(dq, dk, dv, dbias) of the ground truth for upstream gradient dout, all float64 torch."""
+    leaves = [_t64(t).detach().requires_grad_() for t in (q, k, v)]
+    bias = None if attn_bias is None else _t64(attn_bias).detach().requires_grad_()
+    out, _ = ref_attention(*leaves, mask=mask, attn_bias=bias, **kw)
+    inputs = leaves + ([bias] if bias is not None else [])
+    if out.numel() == 0:
+        grads = [torch.zeros_like(t) for t in inputs]
+    else:
+        grads = list(torch.autograd.grad(out, inputs, _t64(dout), allow_unused=True))
+        grads = [torch.zeros_like(t) if g is None else g for g in grads]
+    if bias is None:
+        grads.append(None)
+    return tuple(grads)
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------------------------
+
+TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16,
+                "float32": torch.float32, "float64": torch.float64}
+
+
+def randn(shape, seed, dtype="float32", framework="torch"):
+    """Seeded standard normal of a dtype name, as a torch tensor or (framework='numpy') array."""
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(int(seed)),
+                    dtype=torch.float64)
+    x = x.to(TORCH_DTYPES[dtype])
+    return x.to(torch.float64).numpy().astype(dtype) if framework == "numpy" else x
+
+
+def rand_mask(shape, seed, p_keep=0.7, framework="torch"):
+    g = torch.Generator().manual_seed(int(seed))
+    m = torch.rand(*shape, generator=g) < p_keep
+    return m.numpy() if framework == "numpy" else m
+
+
+LAYOUTS = ("bhnd", "merged", "single_kv", "gqa")
+
+
+def shapes_for(layout, b, h, i, j, d, hk=None):
+    """(q shape, k/v shape) for a caller layout. gqa uses hk (default h // 2, at least 1)."""
+    if layout == "bhnd":
+        return (b, h, i, d), (b, h, j, d)
+    if layout == "merged":
+        return (b * h, i, d), (b * h, j, d)
+    if layout == "single_kv":
+        return (b, h, i, d), (b, j, d)
+    if layout == "gqa":
+        hk = max(1, h // 2) if hk is None else hk
+        return (b, h, i, d), (b, hk, j, d)
+    raise ValueError(layout)
+
+
+def bias_shape_for(layout, form, b, h, i, j):
+    """(shape, attn_bias_batch_dim) of a bias form: 'heads' (h,i,j), 'batch' (b,i,j),
+    'full' (b,h,i,j); merged layouts take (B, i, j) whatever the form."""
+    if layout == "merged":
+        return (b * h, i, j), False
+    return {"heads": ((h, i, j), False), "batch": ((b, i, j), True),
+            "full": ((b, h, i, j), False)}[form]
+
+
+def make_case(seed, layout="bhnd", b=2, h=2, i=9, j=11, d=16, hk=None, dtype="float32",
+              framework="torch", mask=False, bias=None, bias_scale=1.0):
+    """Dict with q, k, v, mask, attn_bias, attn_bias_batch_dim (fresh, seeded)."""
+    qs, ks = shapes_for(layout, b, h, i, j, d, hk)
+    case = dict(q=randn(qs, seed, dtype, framework), k=randn(ks, seed + 1, dtype, framework),
+                v=randn(ks, seed + 2, dtype, framework), mask=None, attn_bias=None,
+                attn_bias_batch_dim=False)
+    if mask:
+        case["mask"] = rand_mask((qs[0], j), seed + 3, framework=framework)
+    if bias is not None:
+        shape, bbd = bias_shape_for(layout, bias, b, h, i, j)
+        bias_t = randn(shape, seed + 4, "float64") * bias_scale
+        bias_t = bias_t.to(TORCH_DTYPES[dtype])
+        case["attn_bias"] = (bias_t.to(torch.float64).numpy().astype(dtype)
+                             if framework == "numpy" else bias_t)
+        case["attn_bias_batch_dim"] = bbd
+    return case
+
+
+def assert_lse_close(lse, ref_lse, dtype):
+    """lse: -inf exactly where the reference is -inf, and close elsewhere."""
+    from tolerances import assert_close
+    lse64 = _t64(torch.as_tensor(lse) if isinstance(lse, np.ndarray) else lse).detach()
+    ref64 = ref_lse.detach()
+    assert tuple(lse64.shape) == tuple(ref64.shape), (tuple(lse64.shape), tuple(ref64.shape))
+    assert not torch.isnan(lse64).any(), "lse has NaN"
+    dead = torch.isneginf(ref64)
+    assert torch.equal(torch.isneginf(lse64), dead), "lse is -inf on other rows than the reference"
+    assert_close(lse64[~dead], ref64[~dead], dtype, "lse")
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU marker: skip without a usable GPU unless a GPU run is required.
+# ----------------------------------------------------------------------------------------------
+
+def _gpu_available():
+    try:
+        import cupy
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if not any("gpu" in item.keywords for item in items):
+        return
+    if os.environ.get("CUPY_COSINE_ATTN_REQUIRE_GPU") == "1" or _gpu_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (set CUPY_COSINE_ATTN_REQUIRE_GPU=1 to fail "
+                                   "instead of skipping)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
