@@ -7,6 +7,7 @@ caller (gpu_bridge) points at the framework's stream.
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 
@@ -15,7 +16,15 @@ from .problem import logit_bound, softmax_shift
 
 CTYPE = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"}
 SUPPORTED_HEAD_DIMS = tuple(range(16, 257, 8))
-MMA_BM = 64          # query rows per CTA of the mma kernels (4 warps x 16)
+MMA_BN = 64          # keys per tile of the mma kernels
+
+
+def fwd_warps(dp):
+    """Warps per CTA of the mma forward (16 query rows each); env override for tuning runs."""
+    env = os.environ.get("CUPY_COSINE_ATTN_FWD_WARPS")
+    if env:
+        return int(env)
+    return 4
 SIMT_ROWS = 4        # query rows per CTA of the fp32 kernels (one warp each)
 WARPS_PER_ROW_BLOCK = 8
 
@@ -181,7 +190,115 @@ def launch_forward(problem, qhat, khat, v, out, lse, shift):
         fn = get_function(KernelSpec("cosine_fwd.cu", f"attn_fwd_simt<{dp}, {flag}>"))
         fn((b * h * (-(-i // SIMT_ROWS)),), (128,), args)
     else:
-        fn = get_function(KernelSpec("cosine_fwd.cu", f"attn_fwd_mma<{dp}, {CTYPE[dtype]}, {flag}>"))
-        smem = (MMA_BM + 4 * 64) * (dp + 8) * 2
+        warps = fwd_warps(dp)
+        fn = get_function(KernelSpec("cosine_fwd.cu",
+                                     f"attn_fwd_mma<{dp}, {CTYPE[dtype]}, {flag}, {warps}>"))
+        bm = 16 * warps
+        smem = (bm + 4 * MMA_BN) * (dp + 8) * 2
         _set_smem(fn, smem)
-        fn((b * h * (-(-i // MMA_BM)),), (128,), args, shared_mem=smem)
+        fn((b * h * (-(-i // bm)),), (32 * warps,), args, shared_mem=smem)
+
+
+def _cast_into(dst, src32, dtype):
+    """dst (type dtype, contiguous) <- float32 src."""
+    if src32.size == 0:
+        return
+    fn = get_function(KernelSpec("prep.cu", f"scale_cast<{CTYPE[dtype]}>"))
+    fn((min(65535, -(-src32.size // 256)),), (256,), (src32, dst, np.int64(src32.size), np.float32(1.0)))
+
+
+def _normalize_backward(dst, dxhat32, xhat, r, dtype, groups):
+    """dst <- gradient through the grouped l2-normalisation (or a plain cast without it)."""
+    if r is None:
+        _cast_into(dst, dxhat32, dtype)
+        return
+    d = xhat.shape[-1]
+    rows = xhat.size // d if d else 0
+    if rows:
+        fn = get_function(KernelSpec("prep.cu", f"l2norm_backward<{CTYPE[dtype]}>"))
+        grid, block = _rows_grid(rows)
+        fn(grid, block, (dxhat32, xhat, r, dst, np.int64(rows), _i32(d), _i32(groups)))
+
+
+def _bias_is_direct(problem):
+    """True when every (batch, head) owns its bias elements: dS can be stored, not summed."""
+    b, h = problem.dims[0], problem.dims[1]
+    bb, hb = problem.bias.shape[:2]
+    return (bb == b or b == 1) and (hb == h or h == 1)
+
+
+def gpu_backward(problem, dout, out, lse, dq, dk, dv, dbias, deterministic=False):
+    """Write dq, dk, dv (and dbias, canonical (bb, hb, i, j)) of a canonical CuPy Problem."""
+    cp = _cp()
+    b, h, hk, i, j, d = problem.dims
+    check_head_dim(d)
+    dtype = problem.dtype
+    for x in (dq, dk, dv) + ((dbias,) if dbias is not None else ()):
+        x.fill(0)
+    if b * h * i == 0 or j == 0:
+        return
+    qhat, rq = normalize(problem.q, dtype, problem.groups, problem.l2norm_qk)
+    khat, rk = normalize(problem.k, dtype, problem.groups, problem.l2norm_qk)
+    v = contiguous_aligned(problem.v)
+    dout = contiguous_aligned(dout)
+    out = contiguous_aligned(out)
+    lse = cp.ascontiguousarray(lse)
+    delta = cp.empty((b, h, i), dtype=cp.float32)
+    fn = get_function(KernelSpec("prep.cu", f"row_dot<{CTYPE[dtype]}>"))
+    grid, block = _rows_grid(b * h * i)
+    fn(grid, block, (dout, out, delta, np.int64(b * h * i), _i32(d)))
+
+    bias, (sb, sh, si) = bias_args(problem.bias, dtype)
+    mask = mask_arg(problem.mask)
+    dims = (_i32(b), _i32(h), _i32(hk), _i32(i), _i32(j), _i32(d), _i32(problem.causal),
+            np.float32(problem.scale), np.float32(problem.scale * math.log2(math.e)))
+    strides = (np.int64(sb), np.int64(sh), np.int64(si))
+    dkhat = cp.empty((b, hk, j, d), dtype=cp.float32)
+    dp = padded_dim(dtype, d)
+    full_bias = None        # per-(batch, head) dS, summed over broadcast dims afterwards
+    atomic = dtype != "float32" and not deterministic
+    if bias is not None and not atomic:
+        full_bias = cp.zeros((b, h, i, j), dtype=cp.float32)
+
+    if dtype == "float32":
+        dq32 = cp.empty((b, h, i, d), dtype=cp.float32)
+        dv32 = cp.empty((b, hk, j, d), dtype=cp.float32)
+        fq = get_function(KernelSpec("cosine_bwd.cu", f"attn_bwd_q_simt<{dp}>"))
+        fq((b * h * (-(-i // 4)),), (128,),
+           (qhat, khat, v, dout, lse, delta, ptr(bias), ptr(mask), dq32, ptr(full_bias)) + strides + dims)
+        fkv = get_function(KernelSpec("cosine_bwd.cu", f"attn_bwd_kv_simt<{dp}>"))
+        fkv((b * hk * (-(-j // 4)),), (128,),
+            (qhat, khat, v, dout, lse, delta, ptr(bias), ptr(mask), dkhat, dv32) + strides + dims)
+        _cast_into(dv, dv32, dtype)
+    else:
+        ct = CTYPE[dtype]
+        direct = bias is not None and atomic and _bias_is_direct(problem)
+        dbias_acc = None
+        if bias is not None and atomic and not direct:
+            dbias_acc = cp.zeros(problem.bias.shape, dtype=cp.float32)
+        dq32 = cp.zeros((b, h, i, d), dtype=cp.float32) if atomic else cp.empty((b, h, i, d), dtype=cp.float32)
+        fkv = get_function(KernelSpec("cosine_bwd.cu", f"attn_bwd_kv_mma<{dp}, {ct}, {'true' if atomic else 'false'}>"))
+        smem = (2 * 64 + 4 * 64) * (dp + 8) * 2 + 64 * 72 * 2 + 4 * 64 * 4
+        _set_smem(fkv, smem)
+        fkv((b * hk * (-(-j // 64)),), (128,),
+            (qhat, khat, v, dout, lse, delta, ptr(bias), ptr(mask), dq32, dkhat, dv,
+             ptr(dbias if direct else None), ptr(dbias_acc)) + strides + dims, shared_mem=smem)
+        if not atomic:
+            fq = get_function(KernelSpec("cosine_bwd.cu", f"attn_bwd_q_mma<{dp}, {ct}>"))
+            smem_q = (2 * 64 + 4 * 64) * (dp + 8) * 2
+            _set_smem(fq, smem_q)
+            fq((b * h * (-(-i // 64)),), (128,),
+               (qhat, khat, v, dout, lse, delta, ptr(bias), ptr(mask), dq32, ptr(full_bias))
+               + strides + dims, shared_mem=smem_q)
+        if dbias_acc is not None:
+            _cast_into(dbias, dbias_acc, dtype)
+    if full_bias is not None:
+        bb, hb = problem.bias.shape[:2]
+        red = full_bias
+        if bb == 1 and b > 1:
+            red = red.sum(axis=0, keepdims=True)
+        if hb == 1 and h > 1:
+            red = red.sum(axis=1, keepdims=True)
+        _cast_into(dbias, cp.ascontiguousarray(red), dtype)
+    _normalize_backward(dq, dq32, qhat, rq, dtype, problem.groups)
+    _normalize_backward(dk, dkhat, khat, rk, dtype, problem.groups)

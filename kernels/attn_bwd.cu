@@ -14,11 +14,15 @@
 // (0 on a broadcast dimension). Offsets are 64-bit.
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
-#include <stdint.h>
+
+// NVRTC has no <stdint.h> without extra include paths; these are all the kernels need.
+typedef unsigned int uint32_t;
+typedef long long int64_t;
 
 namespace cbwd {
 
 constexpr float LOG2E = 1.4426950408889634f;
+#define CBWD_INF __int_as_float(0x7f800000)
 
 // dbias modes: what the kernel does with dS at (r, c).
 constexpr int DB_NONE = 0;     // no bias gradient
@@ -115,7 +119,7 @@ __device__ __forceinline__ bool visible(int r, int c, int i, int j, bool causal,
 
 // lse in log2 units; rows with no visible key (lse = -inf) get +inf so exp2(x - inf) = 0.
 __device__ __forceinline__ float lse2_of(float lse) {
-    return lse == -INFINITY ? INFINITY : lse * LOG2E;
+    return lse == -CBWD_INF ? CBWD_INF : lse * LOG2E;
 }
 
 struct Params {
@@ -127,8 +131,7 @@ struct Params {
     const float* dsum;  // D (b, h, i)
     const unsigned char* mask;  // (b, j) or null
     const void* bias;   // element strides below; null if none
-    int64_t bs_b, bs_h, bs_i;   // bias strides (0 on broadcast dims); j stride is 1? no: bs_j
-    int64_t bs_j;
+    int64_t bs_b, bs_h, bs_i, bs_j;  // bias element strides, 0 on broadcast dims
     void* dbias;        // dtype per dbias_mode
     int64_t ds_b, ds_h, ds_i, ds_j;
     float* dq;          // fp32 (b, h, i, d): atomics (kv kernel) or plain stores (dq kernel)
@@ -248,7 +251,7 @@ __device__ __forceinline__ void kv_tc(const Params& p) {
             cp_commit();
             for (int x = tid; x < BM; x += C::THREADS) {
                 int r = r0 + x;
-                sL[x] = r < i ? lse2_of(p.lse[qbase + r]) : INFINITY;
+                sL[x] = r < i ? lse2_of(p.lse[qbase + r]) : CBWD_INF;
                 sD[x] = r < i ? p.dsum[qbase + r] : 0.f;
             }
             cp_wait_all();
@@ -447,7 +450,7 @@ __device__ __forceinline__ void dq_tc(const Params& p) {
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
         const int r = r0 + m0 + g + hh * 8;
-        L[hh] = r < i ? lse2_of(p.lse[qbase + r]) : INFINITY;
+        L[hh] = r < i ? lse2_of(p.lse[qbase + r]) : CBWD_INF;
         Dr[hh] = r < i ? p.dsum[qbase + r] : 0.f;
     }
     float aQ[NTQ][4];
@@ -607,7 +610,7 @@ __device__ __forceinline__ void kv_f32(const Params& p) {
             cp_commit();
             if (tid < F_B) {
                 int r = r0 + tid;
-                sL[tid] = r < i ? lse2_of(p.lse[qbase + r]) : INFINITY;
+                sL[tid] = r < i ? lse2_of(p.lse[qbase + r]) : CBWD_INF;
                 sD[tid] = r < i ? p.dsum[qbase + r] : 0.f;
             }
             cp_wait_all();
@@ -680,7 +683,7 @@ __device__ __forceinline__ void dq_f32(const Params& p) {
     load_f32<D>(sO, reinterpret_cast<const float*>(p.dout) + (qbase + r0) * D, i - r0);
     cp_commit();
     const int r = r0 + own;
-    const float L = r < i ? lse2_of(p.lse[qbase + r]) : INFINITY;
+    const float L = r < i ? lse2_of(p.lse[qbase + r]) : CBWD_INF;
     const float Dr = r < i ? p.dsum[qbase + r] : 0.f;
     float acc[M];
 #pragma unroll
@@ -731,7 +734,19 @@ __device__ __forceinline__ void dq_f32(const Params& p) {
 
 }  // namespace cbwd
 
-// Entry points (templates instantiated by name from the host).
+// Entry points (templates instantiated by name from the host). Arguments are flat scalars and
+// pointers, the portable way to pass them through CuPy's RawKernel.
+#define CBWD_ARGS                                                                                \
+    const void *q, const void *k, const void *v, const void *dout, const float *lse,             \
+        const float *dsum, const unsigned char *mask, const void *bias, long long bs_b,          \
+        long long bs_h, long long bs_i, long long bs_j, void *dbias, long long ds_b,             \
+        long long ds_h, long long ds_i, long long ds_j, float *dq, float *dk, void *dv, int b,   \
+        int h, int hk, int i, int j, int d, float scale, int causal, int dbias_mode, int dq_atomic
+#define CBWD_PARAMS                                                                              \
+    cbwd::Params p{q, k, v, dout, lse, dsum, mask, bias, bs_b, bs_h, bs_i, bs_j, dbias, ds_b,    \
+                   ds_h, ds_i, ds_j, dq, dk, dv, b, h, hk, i, j, d, scale, causal, dbias_mode,   \
+                   dq_atomic}
+
 template <typename T>
 __global__ void attn_bwd_dot(const T* dout, const T* out, float* dsum, long long rows, int d) {
     cbwd::dot_rows<T>(dout, out, dsum, rows, d);
@@ -739,21 +754,52 @@ __global__ void attn_bwd_dot(const T* dout, const T* out, float* dsum, long long
 
 template <int DP, typename T, int BN, int BM, int WC>
 __global__ void __launch_bounds__(cbwd::KvCfg<DP, T, BN, BM, WC>::THREADS)
-attn_bwd_kv_tc(const cbwd::Params p) {
+attn_bwd_kv_tc(CBWD_ARGS) {
+    CBWD_PARAMS;
     cbwd::kv_tc<DP, T, BN, BM, WC>(p);
 }
 
 template <int DP, typename T, int BM, int NW>
-__global__ void __launch_bounds__(NW * 32) attn_bwd_dq_tc(const cbwd::Params p) {
+__global__ void __launch_bounds__(NW * 32) attn_bwd_dq_tc(CBWD_ARGS) {
+    CBWD_PARAMS;
     cbwd::dq_tc<DP, T, BM, NW>(p);
 }
 
 template <int D>
-__global__ void __launch_bounds__(cbwd::F_T) attn_bwd_kv_f32(const cbwd::Params p) {
+__global__ void __launch_bounds__(cbwd::F_T) attn_bwd_kv_f32(CBWD_ARGS) {
+    CBWD_PARAMS;
     cbwd::kv_f32<D>(p);
 }
 
 template <int D>
-__global__ void __launch_bounds__(cbwd::F_T) attn_bwd_dq_f32(const cbwd::Params p) {
+__global__ void __launch_bounds__(cbwd::F_T) attn_bwd_dq_f32(CBWD_ARGS) {
+    CBWD_PARAMS;
     cbwd::dq_f32<D>(p);
+}
+
+// dx = r * (dxhat - xhat <xhat, dxhat>) per group (through the grouped l2 normalisation), or a
+// plain fp32 -> T conversion when r is null (no normalisation; also used for dbias buffers).
+// One warp per row of d elements.
+template <typename T>
+__global__ void attn_bwd_l2norm(const float* dxhat, const T* xhat, const float* rnorm, T* dx,
+                                long long rows, int d, int groups) {
+    const long long row = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    const float* dr = dxhat + row * d;
+    T* o = dx + row * d;
+    if (rnorm == nullptr) {
+        for (int e = lane; e < d; e += 32) o[e] = cbwd::from_f<T>(dr[e]);
+        return;
+    }
+    const T* xr = xhat + row * d;
+    const int gs = d / groups;
+    for (int g = 0; g < groups; ++g) {
+        float dot = 0.f;
+        for (int e = g * gs + lane; e < (g + 1) * gs; e += 32) dot += cbwd::to_f(xr[e]) * dr[e];
+        for (int s = 16; s > 0; s >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, s);
+        const float r = rnorm[row * groups + g];
+        for (int e = g * gs + lane; e < (g + 1) * gs; e += 32)
+            o[e] = cbwd::from_f<T>(r * (dr[e] - cbwd::to_f(xr[e]) * dot));
+    }
 }

@@ -5,21 +5,22 @@
 // accumulator. ONLINE=true is the exact running-maximum variant for logit ranges too wide for a
 // fixed shift (problem.softmax_shift returned None).
 //
-// attn_fwd_mma: f16/bf16, one CTA = 64 query rows (4 warps x 16), key tiles of 64 double-buffered
+// attn_fwd_mma: f16/bf16, one CTA = 16*WARPS query rows (16 per warp), key tiles of 64 double-buffered
 // with cp.async; QK^T and PV on mma.sync m16n8k16 with fp32 accumulators; P stays in registers.
 // attn_fwd_simt: fp32, one warp per query row, plain FFMA (accurate to ~1e-6, no TF32).
 #include "attn_common.cuh"
 using namespace cattn;
 
-template <int DP, typename T, bool ONLINE>
-__global__ void __launch_bounds__(128)
+template <int DP, typename T, bool ONLINE, int WARPS>
+__global__ void __launch_bounds__(32 * WARPS)
 attn_fwd_mma(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
              const T* __restrict__ bias, const unsigned char* __restrict__ mask,
              T* __restrict__ out, float* __restrict__ lse,
              long long bias_sb, long long bias_sh, long long bias_si,
              int B, int H, int HK, int I, int J, int D, int causal,
              float c_scale, float c_shift) {
-    constexpr int BM = 64, BN = 64, SROW = DP + 8;  // +8 elements: conflict-free ldmatrix rows
+    // 16 query rows per warp; +8 elements per smem row: conflict-free ldmatrix
+    constexpr int BM = 16 * WARPS, BN = 64, SROW = DP + 8, THREADS = 32 * WARPS;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     T* sQ = reinterpret_cast<T*>(smem_raw);
     T* sK = sQ + BM * SROW;
@@ -40,10 +41,10 @@ attn_fwd_mma(const T* __restrict__ q, const T* __restrict__ k, const T* __restri
     const int n_end = key_end(m0, BM, I, J, causal);
     const int n_tiles = (n_end + BN - 1) / BN;
 
-    load_tile_async<BM, DP, SROW, 128>(sQ, qb, I - m0, D);
+    load_tile_async<BM, DP, SROW, THREADS>(sQ, qb, I - m0, D);
     if (n_tiles > 0) {
-        load_tile_async<BN, DP, SROW, 128>(sK, kb, J, D);
-        load_tile_async<BN, DP, SROW, 128>(sV, vb, J, D);
+        load_tile_async<BN, DP, SROW, THREADS>(sK, kb, J, D);
+        load_tile_async<BN, DP, SROW, THREADS>(sV, vb, J, D);
     }
     cp_async_commit();
     cp_async_wait<0>();
@@ -65,8 +66,8 @@ attn_fwd_mma(const T* __restrict__ q, const T* __restrict__ k, const T* __restri
         const int n0 = tile * BN, cur = tile & 1;
         if (tile + 1 < n_tiles) {
             const int nn = n0 + BN;
-            load_tile_async<BN, DP, SROW, 128>(sK + (cur ^ 1) * BN * SROW, kb + (long long)nn * D, J - nn, D);
-            load_tile_async<BN, DP, SROW, 128>(sV + (cur ^ 1) * BN * SROW, vb + (long long)nn * D, J - nn, D);
+            load_tile_async<BN, DP, SROW, THREADS>(sK + (cur ^ 1) * BN * SROW, kb + (long long)nn * D, J - nn, D);
+            load_tile_async<BN, DP, SROW, THREADS>(sV + (cur ^ 1) * BN * SROW, vb + (long long)nn * D, J - nn, D);
         }
         cp_async_commit();
         cp_async_wait<1>();

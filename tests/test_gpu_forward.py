@@ -99,7 +99,9 @@ def run_case(dtype_name, d, i, j, causal=False, mask=False, bias=None, hk=4, gro
         base = sdpa_error(q, k, v, ref, m, bb, scale, groups, causal, bbd)
         bound = max(1.5 * base, FLOOR[dtype_name])
         assert err <= bound, (err, base)
-        assert lse_err <= 2e-2, lse_err
+        # q, k are rounded to the dtype after normalisation: logits move by up to B * eps
+        eps = 2.0 ** (-8 if dtype_name == "bfloat16" else -11)
+        assert lse_err <= max(2e-2, 0.5 * scale * groups * eps), lse_err
     return err
 
 

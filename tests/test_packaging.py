@@ -1,6 +1,9 @@
-"""The package imports with NumPy alone, and a built wheel carries the kernel sources."""
+"""Packaging: a built wheel carries the CUDA sources inside the package, and the package imports
+and computes with NumPy alone (torch and CuPy imports refused)."""
+import os
 import subprocess
 import sys
+import textwrap
 import zipfile
 from pathlib import Path
 
@@ -8,39 +11,97 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-BLOCKER = r'''
-import sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("torch", "cupy"):
-            raise ImportError("blocked " + name)
-sys.meta_path.insert(0, Block())
-import numpy as np
-import cupy_cosine_attn as ca
-q = np.random.default_rng(0).standard_normal((1, 2, 9, 8)).astype(np.float32)
-out, lse = ca.forward(q, q, q, causal=True)
-ref = ca.plain_cosine_sim_attention(q, q, q, causal=True)
-assert np.abs(out - ref).max() < 1e-5, np.abs(out - ref).max()
-assert "torch" not in sys.modules and "cupy" not in sys.modules
-print("ok")
-'''
+
+def _run(code, cwd, env_extra=None):
+    env = dict(os.environ)
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
 
 
-def test_imports_and_runs_without_torch_or_cupy():
-    res = subprocess.run([sys.executable, "-c", BLOCKER], cwd=ROOT, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "ok"
-
-
-def test_wheel_contains_kernel_sources(tmp_path):
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    out = tmp_path_factory.mktemp("wheel")
     res = subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps",
-                          "--no-build-isolation", "-q", "-w", str(tmp_path)],
-                         capture_output=True, text=True)
-    if res.returncode != 0:
-        pytest.fail(res.stderr)
-    wheel = next(tmp_path.glob("cupy_cosine_attn-*.whl"))
+                          "--no-build-isolation", "-q", "-w", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    wheels = list(out.glob("cupy_cosine_attn-*.whl"))
+    assert len(wheels) == 1, wheels
+    return wheels[0]
+
+
+def test_wheel_contains_kernel_sources(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     sources = sorted(p.name for p in (ROOT / "kernels").iterdir() if p.suffix in (".cu", ".cuh"))
-    assert "cupy_cosine_attn/kernels/__init__.py" in names
+    assert any(s.endswith(".cu") for s in sources), "no kernels/*.cu in the source tree"
     for name in sources:
-        assert f"cupy_cosine_attn/kernels/{name}" in names, name
+        assert f"cupy_cosine_attn/kernels/{name}" in names, f"{name} missing from {wheel.name}"
+    assert "cupy_cosine_attn/__init__.py" in names
+    # Nothing of the source layout leaks to the top level of site-packages.
+    assert not any(n.startswith("kernels/") for n in names)
+
+
+def test_installed_wheel_finds_kernel_sources(wheel, tmp_path):
+    """Unpacked like an install into site-packages, away from the checkout."""
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    res = _run(f"""
+        import importlib.resources as r, pathlib
+        import cupy_cosine_attn as ca
+        assert pathlib.Path(ca.__file__).resolve().is_relative_to(pathlib.Path({str(site)!r}).resolve()), ca.__file__
+        names = sorted(p.name for p in r.files("cupy_cosine_attn.kernels").iterdir())
+        assert any(n.endswith(".cu") for n in names), names
+        print(" ".join(names))
+        """, cwd=tmp_path, env_extra={"PYTHONPATH": str(site)})
+    assert res.returncode == 0, res.stderr
+    expected = {p.name for p in (ROOT / "kernels").iterdir() if p.suffix in (".cu", ".cuh")}
+    assert expected <= set(res.stdout.split())
+
+
+BLOCKED = """
+    import sys
+
+    class Refuse:
+        # Refuses torch and cupy (and their submodules) as if they were not installed.
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("torch", "cupy"):
+                raise ModuleNotFoundError(f"No module named {name!r}")
+            return None
+
+    sys.meta_path.insert(0, Refuse())
+    for refused in ("torch", "cupy"):
+        try:
+            __import__(refused)
+        except ImportError:
+            pass
+        else:
+            raise SystemExit("the import blocker does not work")
+
+    import numpy as np
+    import cupy_cosine_attn as ca
+
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, 3, 9, 16)).astype(np.float32) for _ in range(3))
+    mask = rng.random((2, 9)) > 0.2
+    bias = rng.standard_normal((3, 9, 9)).astype(np.float32)
+    kw = dict(mask=mask, attn_bias=bias, causal=True, groups=2)
+    out, lse = ca.forward(q, k, v, **kw)
+    assert out.shape == q.shape and out.dtype == np.float32 and lse.shape == q.shape[:-1]
+    ref = ca.plain_cosine_sim_attention(q, k, v, **kw)
+    assert np.abs(out - ref).max() < 1e-4, np.abs(out - ref).max()
+    assert isinstance(ca.flash_cosine_sim_attention(q, k, v, **kw), np.ndarray)
+    dq, dk, dv, db = ca.backward(np.ones_like(out), q, k, v, out, lse, **kw)
+    assert dq.shape == q.shape and db.shape == bias.shape and np.isfinite(dq).all()
+    (qn,) = ca.l2norm_tensors(q)
+    assert np.allclose(np.linalg.norm(qn, axis=-1), 1, atol=1e-5)
+    assert not any(m.split(".")[0] in ("torch", "cupy") for m in sys.modules), \
+        [m for m in sys.modules if m.split(".")[0] in ("torch", "cupy")]
+    print("ok")
+"""
+
+
+def test_imports_and_computes_without_torch_or_cupy():
+    res = _run(BLOCKED, cwd=ROOT)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.strip().endswith("ok")
