@@ -43,7 +43,7 @@ class _Prepared:
         self.bias_per_head = False
         if problem.bias is not None:         # canonical (bb, hb, i, j) -> (bb, hk|1, g|1, i, j)
             bb, hb = problem.bias.shape[:2]
-            self.bias_per_head = hb == h and h > 1
+            self.bias_per_head = hb == h and h != 1
             self.bias = ops.reshape(problem.bias, (bb, hk, g, i, j) if self.bias_per_head
                                     else (bb, 1, 1, i, j))
         self.mask = problem.mask
