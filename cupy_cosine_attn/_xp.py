@@ -45,7 +45,8 @@ class NumpyOps:
 
     @staticmethod
     def exp_(x):
-        return np.exp(x, out=x)
+        with np.errstate(over="ignore"):   # hidden keys may overflow; they are zeroed next
+            return np.exp(x, out=x)
 
     exp = staticmethod(np.exp)
     log = staticmethod(np.log)
@@ -72,8 +73,8 @@ class NumpyOps:
 
     @staticmethod
     def keep_where(x, keep):
-        """x[~keep] = 0 in place (keep broadcasts against x)."""
-        np.multiply(x, keep, out=x)
+        """x[~keep] = 0 in place (keep broadcasts against x); a hidden inf becomes 0, not NaN."""
+        np.copyto(x, 0.0, where=~keep)
 
     @staticmethod
     def mm_acc(acc, a, b):

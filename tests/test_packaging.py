@@ -49,7 +49,8 @@ def test_installed_wheel_finds_kernel_sources(wheel, tmp_path):
     res = _run(f"""
         import importlib.resources as r, pathlib
         import cupy_cosine_attn as ca
-        assert pathlib.Path(ca.__file__).resolve().is_relative_to(pathlib.Path({str(site)!r}).resolve()), ca.__file__
+        site = pathlib.Path({str(site)!r}).resolve()
+        assert pathlib.Path(ca.__file__).resolve().is_relative_to(site), ca.__file__
         names = sorted(p.name for p in r.files("cupy_cosine_attn.kernels").iterdir())
         assert any(n.endswith(".cu") for n in names), names
         print(" ".join(names))

@@ -1,10 +1,11 @@
 """Relative-norm error allowed per input dtype, for outputs and every gradient, written once.
 
 err = ||x - ref|| / ||ref||, with ref the float64 definition evaluated on the same (already
-rounded) inputs, so only the implementation's own rounding counts. The numbers sit a few times
-above what the CPU paths were measured to reach (see tests/README notes in the report):
-float32 accumulation of O(1e3) terms gives ~1e-6; float16/bfloat16 results are dominated by
-rounding the result itself to the dtype (2^-11 and 2^-8 per element).
+rounded) inputs, so only the implementation's own rounding counts. Largest errors measured on
+the CPU paths over the whole suite with 300 hypothesis examples per property test:
+out float64 1.9e-15, float32 1.2e-6, float16 2.2e-4, bfloat16 1.8e-3 (the last two are the
+rounding of the result itself, 2^-12 and 2^-9 relative); gradients (relative to the floor
+below) float16 3e-4, bfloat16 2e-3. The limits sit 8-20x above those.
 """
 import math
 
@@ -55,21 +56,31 @@ def assert_close(x, ref, dtype, what="output"):
     return err
 
 
-# A gradient whose float64 reference is below VANISHING * ||upstream gradient|| is zero in exact
-# arithmetic (e.g. dq, dk with a single visible key: the softmax is constant), so only rounding
-# noise is left and a relative error means nothing. Such gradients must instead stay at rounding
-# level: ||x - ref|| <= NOISE * max(scale, 1) * ||upstream||.
+# Gradients are compared relative to max(||ref||, ||floor||), where `floor` is the same gradient
+# computed from the magnitudes A = P (|dP| + |D|) that the softmax gradient dS = P (dP - D)
+# cancels (conftest.ref_grads(with_floor=True)). When the softmax is nearly one-hot those terms
+# cancel to a tiny gradient, and float32 accumulation is accurate only relative to them
+# (measured: dq error 4e-5 relative to the gradient for i=1, j=2 in float32 with the formula
+# evaluated exactly as documented). Where even the floor is below VANISHING * ||upstream||
+# (e.g. groups == d: the normalisation's gradient is exactly 0), the gradient must just stay at
+# rounding level: ||x - ref|| <= NOISE * max(scale, 1) * ||upstream||.
 VANISHING = 1e-6
 NOISE = 1e-4
 
 
-def assert_grad_close(x, ref, dtype, what, upstream_norm, scale=1.0):
-    ref_norm = float(np.linalg.norm(_as_f64(ref).ravel()))
-    if ref_norm > VANISHING * upstream_norm:
-        return assert_close(x, ref, dtype, what)
+def assert_grad_close(x, ref, dtype, what, upstream_norm, scale=1.0, floor=None):
     x64, ref64 = _as_f64(x), _as_f64(ref)
     assert np.isfinite(x64).all(), f"{what}: not finite"
+    name = dtype if isinstance(dtype, str) else dtype_name(dtype)
+    ref_norm = float(np.linalg.norm(ref64.ravel()))
+    floor_norm = 0.0 if floor is None else float(np.linalg.norm(_as_f64(floor).ravel()))
+    den = max(ref_norm, floor_norm)
     err = float(np.linalg.norm((x64 - ref64).ravel()))
+    if den > VANISHING * upstream_norm:
+        tol = TOLERANCE[name]
+        assert err <= tol * den, (f"{what}: error {err:.3g} = {err / den:.3g} x max(||ref|| "
+                                  f"{ref_norm:.3g}, floor {floor_norm:.3g}) > {tol:g} ({name})")
+        return err / den
     bound = NOISE * max(float(scale), 1.0) * upstream_norm
     assert err <= bound, f"{what}: vanishing gradient off by {err:.3g} > {bound:.3g}"
     return err
