@@ -302,3 +302,35 @@ def gpu_backward(problem, dout, out, lse, dq, dk, dv, dbias, deterministic=False
         _cast_into(dbias, cp.ascontiguousarray(red), dtype)
     _normalize_backward(dq, dq32, qhat, rq, dtype, problem.groups)
     _normalize_backward(dk, dkhat, khat, rk, dtype, problem.groups)
+
+
+def kernel_specs(dtype, d):
+    """Every kernel variant a (dtype, head dim) call may launch: what warm-up and the CI
+    compile check build."""
+    check_head_dim(d)
+    ct = CTYPE[dtype]
+    dp = padded_dim(dtype, d)
+    specs = [KernelSpec("prep.cu", f"{fn}<{ct}>")
+             for fn in ("l2norm_rows", "l2norm_backward", "scale_cast", "cast_to_float", "row_dot")]
+    for flag in ("false", "true"):
+        if dtype == "float32":
+            specs.append(KernelSpec("cosine_fwd.cu", f"attn_fwd_simt<{dp}, {flag}>"))
+        else:
+            specs.append(KernelSpec("cosine_fwd.cu", f"attn_fwd_mma<{dp}, {ct}, {flag}, {fwd_warps(dp)}>"))
+            specs.append(KernelSpec("cosine_bwd.cu", f"attn_bwd_kv_mma<{dp}, {ct}, {flag}>"))
+    if dtype == "float32":
+        specs += [KernelSpec("cosine_bwd.cu", f"attn_bwd_q_simt<{dp}>"),
+                  KernelSpec("cosine_bwd.cu", f"attn_bwd_kv_simt<{dp}>")]
+    else:
+        specs.append(KernelSpec("cosine_bwd.cu", f"attn_bwd_q_mma<{dp}, {ct}>"))
+    return specs
+
+
+def all_kernel_specs():
+    """Distinct variants over every supported dtype and head dim."""
+    seen = {}
+    for dtype in ("float16", "bfloat16", "float32"):
+        for d in SUPPORTED_HEAD_DIMS:
+            for s in kernel_specs(dtype, d):
+                seen.setdefault(s, None)
+    return list(seen)
