@@ -156,10 +156,11 @@ class Inputs:
     def __init__(self, case: Case, device: str, seed: int = 0):
         import torch
         dt = getattr(torch, case.dtype)
-        g = torch.Generator(device="cpu").manual_seed(seed)
+        # Drawn on the device itself: large GPU cases would spend seconds in a CPU generator.
+        g = torch.Generator(device=device).manual_seed(seed)
 
         def randn(*shape):
-            return torch.randn(*shape, generator=g, dtype=torch.float32).to(device=device, dtype=dt)
+            return torch.randn(*shape, generator=g, device=device, dtype=torch.float32).to(dt)
 
         self.case = case
         self.q = randn(case.b, case.h, case.i, case.d)
@@ -167,8 +168,7 @@ class Inputs:
         self.v = randn(case.b, case.hk, case.j, case.d)
         self.mask = None
         if case.mask_density is not None:
-            keep = torch.rand(case.b, case.j, generator=g) < case.mask_density
-            self.mask = keep.to(device)
+            self.mask = torch.rand(case.b, case.j, generator=g, device=device) < case.mask_density
         # Bias of shape (h, i, j), broadcast over the batch (the original package's layout).
         self.bias = randn(case.h, case.i, case.j) if case.bias else None
         self.dout = randn(case.b, case.h, case.i, case.d)
@@ -513,18 +513,18 @@ class Float64Reference:
         if case.i > CORRECTNESS_MAX_ROWS:
             rows = np.sort(rng.choice(case.i, CORRECTNESS_MAX_ROWS, replace=False))
         self.pairs, self.rows = pairs, rows
+        # Only the sampled slices leave the device (whole large-case tensors would take seconds).
         as64 = lambda t: t.detach().cpu().double().numpy()
-        q, k, v = as64(inputs.q), as64(inputs.k), as64(inputs.v)
-        bias = None if inputs.bias is None else as64(inputs.bias)
         mask = inputs.mask_numpy()
         g = case.h // case.hk
         self.out, self.visible_rows = {}, {}
         for bi, hi in pairs:
-            qh = _np_grouped_l2norm(q[bi, hi, rows], case.groups)
-            kh = _np_grouped_l2norm(k[bi, hi // g], case.groups)
+            qh = _np_grouped_l2norm(as64(inputs.q[bi, hi])[rows], case.groups)
+            kh = _np_grouped_l2norm(as64(inputs.k[bi, hi // g]), case.groups)
+            v = as64(inputs.v[bi, hi // g])
             s = case.scale * qh @ kh.T
-            if bias is not None:
-                s = s + bias[hi][rows]
+            if inputs.bias is not None:
+                s = s + as64(inputs.bias[hi])[rows]
             vis = np.ones((len(rows), case.j), dtype=bool)
             if case.causal:
                 vis &= np.arange(case.j)[None, :] <= rows[:, None] + (case.j - case.i)
@@ -536,7 +536,7 @@ class Float64Reference:
             e = np.where(vis, np.exp(s - m), 0.0)
             l = e.sum(axis=1, keepdims=True)
             p = e / np.where(l > 0, l, 1.0)
-            self.out[bi, hi] = p @ v[bi, hi // g]
+            self.out[bi, hi] = p @ v
             # Rows with no visible key are left out: conventions differ there (0 here, NaN in SDPA).
             self.visible_rows[bi, hi] = vis.any(axis=1)
 
@@ -566,12 +566,19 @@ def _reason(exc: BaseException) -> str:
 
 
 def _warning_reason(caught) -> Optional[str]:
-    # torch explains why an SDPA backend refused a case in warnings; keep the first useful one.
+    """torch explains in warnings why an SDPA backend refused a case. Keep the specific ones:
+    skip the "... not used because:" headers and the notes that other backends were disabled
+    (that is what selecting one backend does)."""
+    reasons = []
     for w in caught:
-        text = str(w.message).strip().splitlines()
-        if text:
-            return text[0][:200]
-    return None
+        text = str(w.message).split("(Triggered internally")[0].strip()
+        text = " ".join(text.split())
+        low = text.lower()
+        if not text or low.endswith("because:") or "runtime disabled" in low:
+            continue
+        if text not in reasons:
+            reasons.append(text)
+    return "; ".join(reasons[:2])[:200] if reasons else None
 
 
 def _runner(fn, inputs: Inputs, mode: str):
@@ -963,13 +970,16 @@ def plot(doc: dict, path: str) -> None:
     if not panels:
         raise RuntimeError("nothing to plot: no contender produced a timing")
     keys = sorted(panels, key=lambda k: (k[0], k[1], k[2], MODES.index(k[3])))
+    # One colour per contender across all panels.
+    names = sorted({name for p in panels.values() for name in p})
+    colours = {name: f"C{n % 10}" for n, name in enumerate(names)}
     cols = min(4, len(keys))
     rows = -(-len(keys) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
     for ax, key in zip(axes.flat, keys):
         for name, pts in sorted(panels[key].items()):
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colours[name],
                     linewidth=2.5 if name == OURS else 1.2, label=name)
         dtype, d, causal, mode = key
         ax.set_title(f"{SHORT_DTYPE.get(dtype, dtype)} d={d} {'causal' if causal else 'dense'} "

@@ -18,10 +18,10 @@ from typing import List, Optional, Sequence
 # Default suites. CPU: small enough for about half a minute on two cores. GPU: the committed
 # peer anchors' shapes (b*n = 32768 tokens, 2048 / d heads), kept within two minutes on an H200.
 CPU_DEFAULTS = dict(dtype=["float32"], d=[64], n=[256, 512, 1024], b=1, h=4, causal="both",
-                    mode=["fwd", "fwdbwd"], repeats=7, warmup=2, budget=0.4)
+                    mode=["fwd", "fwdbwd"], repeats=5, warmup=2, budget=0.25)
 GPU_DEFAULTS = dict(dtype=["bfloat16", "float16"], d=[64, 128], n=[1024, 4096, 16384],
                     tokens=32768, model_dim=2048, causal="both", mode=["fwd", "fwdbwd"],
-                    repeats=20, warmup=3, budget=0.25)
+                    repeats=10, warmup=2, budget=0.1)
 WARMUP_DTYPES = ("float16", "bfloat16")
 WARMUP_DIMS = (64, 128)
 INFO_DIMS = (64, 128)

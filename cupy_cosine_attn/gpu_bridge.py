@@ -49,11 +49,21 @@ def _on_callers_stream(problem):
     with cupy.cuda.Device(idx):
         if problem.kind == "torch":
             import torch
-            stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(idx).cuda_stream, idx)
-            with stream:
+            with _external_stream(cupy, torch.cuda.current_stream(idx), idx):
                 yield
         else:
             yield
+
+
+def _external_stream(cupy, torch_stream, idx):
+    """CuPy view of torch's stream (Stream.from_external in CuPy 14; ExternalStream before)."""
+    from_external = getattr(cupy.cuda.Stream, "from_external", None)
+    if from_external is not None:
+        try:
+            return from_external(torch_stream)
+        except (TypeError, AttributeError):   # torch without the __cuda_stream__ protocol
+            pass
+    return cupy.cuda.ExternalStream(torch_stream.cuda_stream, idx)
 
 
 def _empty(problem, shape, dtype_name):

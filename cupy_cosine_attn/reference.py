@@ -55,6 +55,8 @@ def visible_keys(problem, ops):
         rows = ops.reshape(ops.arange(i), (i, 1))
         cols = ops.reshape(ops.arange(j), (1, j))
         vis = cols <= rows + (j - i)
+        if ops.name == "torch":
+            vis = vis.to(problem.q.device)
     if problem.mask is not None:
         m = ops.reshape(problem.mask, (b, 1, 1, j))
         vis = m if vis is None else (m & vis)
@@ -87,8 +89,6 @@ def reference_forward(problem):
         s = s + ops.cast(problem.bias, cd)
     vis = visible_keys(problem, ops)
     if vis is not None:
-        if ops.name == "torch":
-            vis = vis.to(s.device)
         s = ops.where(vis, s, float("-inf"))
     m = ops.amax(s, axis=-1, keepdim=True)
     m = ops.where(ops.isfinite(m), m, 0.0)
