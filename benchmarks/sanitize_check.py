@@ -1,0 +1,37 @@
+"""Small forward + backward calls over every kernel family, for compute-sanitizer:
+
+    compute-sanitizer --tool memcheck  python3 benchmarks/sanitize_check.py
+    compute-sanitizer --tool racecheck python3 benchmarks/sanitize_check.py
+"""
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cupy_cosine_attn as ca  # noqa: E402
+
+
+def main():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for dt in (torch.float16, torch.bfloat16, torch.float32):
+        for d, causal, bias_kind, det, hk in ((64, True, "heads", False, 1), (40, False, "full", True, 2),
+                                              (128, True, None, False, 2)):
+            b, h, i, j = 2, 2, 70, 90
+            q, k, v = (torch.randn(b, hh, n, d, device="cuda", generator=g, dtype=dt).requires_grad_()
+                       for hh, n in ((h, i), (hk, j), (hk, j)))
+            mask = torch.rand(b, j, device="cuda", generator=g) > 0.2
+            bias = None
+            if bias_kind == "heads":
+                bias = torch.randn(h, i, j, device="cuda", generator=g, dtype=dt).requires_grad_()
+            elif bias_kind == "full":
+                bias = torch.randn(b, h, i, j, device="cuda", generator=g, dtype=dt).requires_grad_()
+            out = ca.flash_cosine_sim_attention(q, k, v, mask=mask, attn_bias=bias, causal=causal,
+                                                deterministic=det)
+            out.float().sum().backward()
+            torch.cuda.synchronize()
+            print(dt, d, causal, bias_kind, det, "ok", flush=True)
+
+
+if __name__ == "__main__":
+    main()
