@@ -172,6 +172,185 @@ attn_fwd_mma(const T* __restrict__ q, const T* __restrict__ k, const T* __restri
     }
 }
 
+// Variant of attn_fwd_mma with MW row blocks of 16 per warp (32 rows for MW = 2): every K and V
+// fragment read from shared memory feeds MW row blocks, halving smem traffic per MMA; Q
+// fragments are re-read from shared memory instead of living in registers.
+template <int DP, typename T, bool ONLINE, int WARPS, int MW>
+__global__ void __launch_bounds__(32 * WARPS)
+attn_fwd_mma_mw(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                const T* __restrict__ bias, const unsigned char* __restrict__ mask,
+                T* __restrict__ out, float* __restrict__ lse,
+                long long bias_sb, long long bias_sh, long long bias_si,
+                int B, int H, int HK, int I, int J, int D, int causal,
+                float c_scale, float c_shift) {
+    constexpr int BM = 16 * MW * WARPS, BN = 64, SROW = DP + 8, THREADS = 32 * WARPS;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* sQ = reinterpret_cast<T*>(smem_raw);
+    T* sK = sQ + BM * SROW;
+    T* sV = sK + 2 * BN * SROW;
+
+    const int n_row_tiles = (I + BM - 1) / BM;
+    const int m0 = (n_row_tiles - 1 - (int)(blockIdx.x % n_row_tiles)) * BM;
+    const int bh = blockIdx.x / n_row_tiles, bi = bh / H, hi = bh % H, hki = hi / (H / HK);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const T* qb = q + ((long long)bh * I + m0) * D;
+    const long long kv_off = (long long)(bi * HK + hki) * J * D;
+    const T* kb = k + kv_off;
+    const T* vb = v + kv_off;
+    const unsigned char* mask_b = mask ? mask + (long long)bi * J : nullptr;
+    const BiasView<T> bview{bias, bias_sb, bias_sh, bias_si};
+    const int n_end = key_end(m0, BM, I, J, causal);
+    const int n_tiles = (n_end + BN - 1) / BN;
+
+    load_tile_async<BM, DP, SROW, THREADS>(sQ, qb, I - m0, D);
+    if (n_tiles > 0) {
+        load_tile_async<BN, DP, SROW, THREADS>(sK, kb, J, D);
+        load_tile_async<BN, DP, SROW, THREADS>(sV, vb, J, D);
+    }
+    cp_async_commit();
+
+    const int wrow = warp * 16 * MW;                 // first row of this warp inside the tile
+    float o[MW][DP / 8][4];
+    float l[MW][2], mx[MW][2];
+#pragma unroll
+    for (int w = 0; w < MW; ++w) {
+#pragma unroll
+        for (int i = 0; i < DP / 8; ++i) o[w][i][0] = o[w][i][1] = o[w][i][2] = o[w][i][3] = 0.f;
+        l[w][0] = l[w][1] = 0.f;
+        mx[w][0] = mx[w][1] = -INFINITY;
+    }
+
+    for (int tile = 0; tile < n_tiles; ++tile) {
+        const int n0 = tile * BN, cur = tile & 1;
+        if (tile + 1 < n_tiles) {
+            const int nn = n0 + BN;
+            load_tile_async<BN, DP, SROW, THREADS>(sK + (cur ^ 1) * BN * SROW, kb + (long long)nn * D, J - nn, D);
+            load_tile_async<BN, DP, SROW, THREADS>(sV + (cur ^ 1) * BN * SROW, vb + (long long)nn * D, J - nn, D);
+        }
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        const T* kS = sK + cur * BN * SROW;
+        const T* vS = sV + cur * BN * SROW;
+
+        float s[MW][BN / 8][4];
+#pragma unroll
+        for (int w = 0; w < MW; ++w)
+#pragma unroll
+            for (int i = 0; i < BN / 8; ++i) s[w][i][0] = s[w][i][1] = s[w][i][2] = s[w][i][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < DP / 16; ++kk) {
+            u32 qf[MW][4];
+#pragma unroll
+            for (int w = 0; w < MW; ++w)
+                ldmatrix_x4(qf[w], sQ + (wrow + w * 16 + lane % 16) * SROW + kk * 16 + (lane / 16) * 8);
+#pragma unroll
+            for (int nb = 0; nb < BN / 16; ++nb) {
+                u32 kf[4];
+                ldmatrix_x4(kf, kS + (nb * 16 + lane % 8 + (lane / 16) * 8) * SROW + kk * 16 + ((lane / 8) % 2) * 8);
+#pragma unroll
+                for (int w = 0; w < MW; ++w) {
+                    mma_16816<T>(s[w][2 * nb], qf[w], kf[0], kf[1]);
+                    mma_16816<T>(s[w][2 * nb + 1], qf[w], kf[2], kf[3]);
+                }
+            }
+        }
+
+        const bool check = (causal && n0 + BN - 1 > m0 + (J - I)) || (n0 + BN > J) || mask_b != nullptr;
+#pragma unroll
+        for (int w = 0; w < MW; ++w) {
+            const int row0 = m0 + wrow + w * 16 + g, row1 = row0 + 8;
+#pragma unroll
+            for (int nb = 0; nb < BN / 8; ++nb) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int row = e < 2 ? row0 : row1;
+                    const int col = n0 + nb * 8 + 2 * t + (e & 1);
+                    float x = fmaf(s[w][nb][e], c_scale, bias ? bview.log2_at(bi, hi, min(row, I - 1), min(col, J - 1)) : 0.f);
+                    if (check && !key_visible(mask_b, row, col, I, J, causal)) x = -INFINITY;
+                    s[w][nb][e] = x;
+                }
+            }
+            float sh0 = c_shift, sh1 = c_shift;
+            if (ONLINE) {
+                float t0 = -INFINITY, t1 = -INFINITY;
+#pragma unroll
+                for (int nb = 0; nb < BN / 8; ++nb) {
+                    t0 = fmaxf(t0, fmaxf(s[w][nb][0], s[w][nb][1]));
+                    t1 = fmaxf(t1, fmaxf(s[w][nb][2], s[w][nb][3]));
+                }
+                const float n0m = fmaxf(mx[w][0], quad_max(t0)), n1m = fmaxf(mx[w][1], quad_max(t1));
+                sh0 = n0m == -INFINITY ? 0.f : n0m;
+                sh1 = n1m == -INFINITY ? 0.f : n1m;
+                const float a0 = fast_exp2(mx[w][0] - sh0), a1 = fast_exp2(mx[w][1] - sh1);
+                mx[w][0] = n0m;
+                mx[w][1] = n1m;
+                l[w][0] *= a0;
+                l[w][1] *= a1;
+#pragma unroll
+                for (int i = 0; i < DP / 8; ++i) {
+                    o[w][i][0] *= a0; o[w][i][1] *= a0; o[w][i][2] *= a1; o[w][i][3] *= a1;
+                }
+            }
+#pragma unroll
+            for (int nb = 0; nb < BN / 8; ++nb) {
+                s[w][nb][0] = fast_exp2(s[w][nb][0] - sh0);
+                s[w][nb][1] = fast_exp2(s[w][nb][1] - sh0);
+                s[w][nb][2] = fast_exp2(s[w][nb][2] - sh1);
+                s[w][nb][3] = fast_exp2(s[w][nb][3] - sh1);
+                l[w][0] += s[w][nb][0] + s[w][nb][1];
+                l[w][1] += s[w][nb][2] + s[w][nb][3];
+            }
+        }
+
+#pragma unroll
+        for (int kc = 0; kc < BN / 16; ++kc) {
+            u32 a[MW][4];
+#pragma unroll
+            for (int w = 0; w < MW; ++w) {
+                a[w][0] = Pack<T>::from_floats(s[w][2 * kc][0], s[w][2 * kc][1]);
+                a[w][1] = Pack<T>::from_floats(s[w][2 * kc][2], s[w][2 * kc][3]);
+                a[w][2] = Pack<T>::from_floats(s[w][2 * kc + 1][0], s[w][2 * kc + 1][1]);
+                a[w][3] = Pack<T>::from_floats(s[w][2 * kc + 1][2], s[w][2 * kc + 1][3]);
+            }
+#pragma unroll
+            for (int db = 0; db < DP / 16; ++db) {
+                u32 vf[4];
+                ldmatrix_x4_trans(vf, vS + (kc * 16 + lane % 8 + ((lane / 8) % 2) * 8) * SROW + db * 16 + (lane / 16) * 8);
+#pragma unroll
+                for (int w = 0; w < MW; ++w) {
+                    mma_16816<T>(o[w][2 * db], a[w], vf[0], vf[1]);
+                    mma_16816<T>(o[w][2 * db + 1], a[w], vf[2], vf[3]);
+                }
+            }
+        }
+        __syncthreads();
+    }
+
+    T* ob = out + (long long)bh * I * D;
+#pragma unroll
+    for (int w = 0; w < MW; ++w) {
+        const int row0 = m0 + wrow + w * 16 + g, row1 = row0 + 8;
+        const float l0 = quad_sum(l[w][0]), l1 = quad_sum(l[w][1]);
+        const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
+#pragma unroll
+        for (int db = 0; db < DP / 8; ++db) {
+            const int col = db * 8 + 2 * t;
+            if (col < D) {
+                if (row0 < I)
+                    *reinterpret_cast<u32*>(ob + (long long)row0 * D + col) = Pack<T>::from_floats(o[w][db][0] * inv0, o[w][db][1] * inv0);
+                if (row1 < I)
+                    *reinterpret_cast<u32*>(ob + (long long)row1 * D + col) = Pack<T>::from_floats(o[w][db][2] * inv1, o[w][db][3] * inv1);
+            }
+        }
+        if (t == 0) {
+            const float base0 = ONLINE ? mx[w][0] : c_shift, base1 = ONLINE ? mx[w][1] : c_shift;
+            if (row0 < I) lse[(long long)bh * I + row0] = l0 > 0.f ? (base0 + log2f(l0)) * LN2 : -INFINITY;
+            if (row1 < I) lse[(long long)bh * I + row1] = l1 > 0.f ? (base1 + log2f(l1)) * LN2 : -INFINITY;
+        }
+    }
+}
+
 // fp32: one warp per query row; each lane scores one key of a 32-key chunk, then the chunk's
 // probabilities are broadcast to accumulate p * v over the lane's output columns.
 template <int DP, bool ONLINE>
