@@ -41,14 +41,6 @@ def padded_dim(dtype, d):
     return -(-d // step) * step
 
 
-def fwd_row_blocks(dp):
-    """16-row blocks per warp in the mma forward (env override for tuning runs)."""
-    env = os.environ.get("CUPY_COSINE_ATTN_FWD_MW")
-    if env and dp <= 128:          # two row blocks only fit the registers up to d = 128
-        return int(env)
-    return 1
-
-
 def kernel_path(dtype, d):
     """Which kernel family a (dtype, head dim) runs on."""
     check_head_dim(d)
@@ -198,13 +190,10 @@ def launch_forward(problem, qhat, khat, v, out, lse, shift):
         fn = get_function(KernelSpec("cosine_fwd.cu", f"attn_fwd_simt<{dp}, {flag}>"))
         fn((b * h * (-(-i // SIMT_ROWS)),), (128,), args)
     else:
-        warps, mw = fwd_warps(dp), fwd_row_blocks(dp)
-        if mw == 1:
-            name = f"attn_fwd_mma<{dp}, {CTYPE[dtype]}, {flag}, {warps}>"
-        else:
-            name = f"attn_fwd_mma_mw<{dp}, {CTYPE[dtype]}, {flag}, {warps}, {mw}>"
-        fn = get_function(KernelSpec("cosine_fwd.cu", name))
-        bm = 16 * warps * mw
+        warps = fwd_warps(dp)
+        fn = get_function(KernelSpec("cosine_fwd.cu",
+                                     f"attn_fwd_mma<{dp}, {CTYPE[dtype]}, {flag}, {warps}>"))
+        bm = 16 * warps
         smem = (bm + 4 * MMA_BN) * (dp + 8) * 2
         _set_smem(fn, smem)
         fn((b * h * (-(-i // bm)),), (32 * warps,), args, shared_mem=smem)
@@ -328,8 +317,6 @@ def kernel_specs(dtype, d):
             specs.append(KernelSpec("cosine_fwd.cu", f"attn_fwd_simt<{dp}, {flag}>"))
         else:
             specs.append(KernelSpec("cosine_fwd.cu", f"attn_fwd_mma<{dp}, {ct}, {flag}, {fwd_warps(dp)}>"))
-            if dp <= 128:
-                specs.append(KernelSpec("cosine_fwd.cu", f"attn_fwd_mma_mw<{dp}, {ct}, {flag}, 4, 2>"))
             specs.append(KernelSpec("cosine_bwd.cu", f"attn_bwd_kv_mma<{dp}, {ct}, {flag}>"))
     if dtype == "float32":
         specs += [KernelSpec("cosine_bwd.cu", f"attn_bwd_q_simt<{dp}>"),
