@@ -33,16 +33,3 @@ def device_of(x):
         dev = x.device
         return "cpu" if dev.type == "cpu" else f"{dev.type}:{dev.index if dev.index is not None else 0}"
     return f"cuda:{x.device.id}"
-
-
-def float_dtype_of(name, kind):
-    """The framework dtype object for a dtype name."""
-    if kind == "torch":
-        import torch
-        return getattr(torch, name)
-    if kind == "cupy":
-        import cupy
-        return cupy.dtype(name)
-    if name == "bfloat16":
-        raise TypeError("NumPy has no bfloat16; use torch tensors for bfloat16 on CPU")
-    return np.dtype(name)

@@ -190,11 +190,6 @@ def make_problem(q, k, v, mask=None, attn_bias=None, scale=8, groups=1, causal=F
                    q_shape=tuple(q.shape), k_shape=tuple(k.shape), bias_shape=bias_shape)
 
 
-def visible_key_end(row, i, j):
-    """Causal rule (bottom-right aligned): query row `row` sees keys c < row + 1 + (j - i)."""
-    return row + 1 + (j - i)
-
-
 def fixed_shift_window(p_dtype):
     return FIXED_SHIFT_WINDOW_F16 if p_dtype == "float16" else FIXED_SHIFT_WINDOW_F32
 
