@@ -235,3 +235,27 @@ def assert_lse_close(lse, ref_lse, dtype):
     dead = torch.isneginf(ref64)
     assert torch.equal(torch.isneginf(lse64), dead), "lse is -inf on other rows than the reference"
     assert_close(lse64[~dead], ref64[~dead], dtype, "lse")
+
+
+# (name, make_case kwargs, call kwargs): the feature grid shared by the forward and backward tests
+FEATURES = [
+    ("plain", {}, {}),
+    ("mask", dict(mask=True), {}),
+    ("causal_i_lt_j", dict(i=9, j=21), dict(causal=True)),
+    ("causal_i_gt_j", dict(i=21, j=6), dict(causal=True)),       # rows 0..14 see no key
+    ("causal_i_eq_1", dict(i=1, j=33), dict(causal=True)),
+    ("causal_square", dict(i=17, j=17), dict(causal=True)),
+    ("mask_causal", dict(i=12, j=15, mask=True), dict(causal=True)),
+    ("bias_heads", dict(bias="heads"), {}),
+    ("bias_batch", dict(bias="batch"), {}),
+    ("bias_full", dict(bias="full"), {}),
+    ("bias_full_mask_causal", dict(bias="full", mask=True, i=10, j=14), dict(causal=True)),
+    ("bias_heads_mask_causal", dict(bias="heads", mask=True, i=10, j=14), dict(causal=True)),
+    ("groups4", {}, dict(groups=4)),
+    ("no_l2norm", {}, dict(l2norm_qk=False)),
+    ("scale_3_5", {}, dict(scale=3.5)),
+    ("wide_bias_heads", dict(bias="heads", bias_scale=40.0), {}),   # beyond any fixed shift
+    ("wide_bias_batch", dict(bias="batch", bias_scale=40.0), {}),
+    ("groups8_scale16", dict(d=32), dict(groups=8, scale=16)),
+]
+FEATURE_IDS = [f[0] for f in FEATURES]

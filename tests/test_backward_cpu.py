@@ -7,29 +7,13 @@ import torch
 from hypothesis import given, strategies as st
 
 import cupy_cosine_attn as ca
-from conftest import (LAYOUTS, grouped_l2norm_ref, make_case, randn, ref_attention, ref_grads,
+from conftest import (FEATURE_IDS, FEATURES, LAYOUTS, grouped_l2norm_ref, make_case, randn,
+                      ref_attention, ref_grads,
                       to_f64)
 from tolerances import assert_close, assert_grad_close, rel_err
 
 KW = ("mask", "attn_bias", "attn_bias_batch_dim")
 
-FEATURES = [
-    ("plain", {}, {}),
-    ("mask", dict(mask=True), {}),
-    ("causal_i_lt_j", dict(i=9, j=21), dict(causal=True)),
-    ("causal_i_gt_j", dict(i=21, j=6), dict(causal=True)),
-    ("causal_i_eq_1", dict(i=1, j=33), dict(causal=True)),
-    ("mask_causal", dict(i=12, j=15, mask=True), dict(causal=True)),
-    ("bias_heads", dict(bias="heads"), {}),
-    ("bias_batch", dict(bias="batch"), {}),
-    ("bias_full", dict(bias="full"), {}),
-    ("bias_mask_causal", dict(bias="heads", mask=True, i=10, j=14), dict(causal=True)),
-    ("groups4", {}, dict(groups=4)),
-    ("no_l2norm", {}, dict(l2norm_qk=False)),
-    ("wide_bias", dict(bias="batch", bias_scale=40.0), {}),
-    ("groups8_scale16", dict(d=32), dict(groups=8, scale=16)),
-]
-FEATURE_IDS = [f[0] for f in FEATURES]
 
 
 def _np(x):

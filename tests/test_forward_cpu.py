@@ -6,32 +6,15 @@ import torch
 from hypothesis import given, strategies as st
 
 import cupy_cosine_attn as ca
-from conftest import (LAYOUTS, assert_lse_close, grouped_l2norm_ref, make_case, rand_mask,
+from conftest import (FEATURE_IDS, FEATURES, LAYOUTS, assert_lse_close, grouped_l2norm_ref,
+                      make_case, rand_mask,
                       randn, ref_attention, to_f64)
 from tolerances import assert_close
 
 KW = ("mask", "attn_bias", "attn_bias_batch_dim")
+_SUBSET = [f for f in FEATURES if f[0] in ("plain", "mask", "causal_i_gt_j", "mask_causal",
+                                            "bias_full", "groups4", "no_l2norm")]
 
-# (name, make_case kwargs, call kwargs)
-FEATURES = [
-    ("plain", {}, {}),
-    ("mask", dict(mask=True), {}),
-    ("causal_i_lt_j", dict(i=9, j=21), dict(causal=True)),
-    ("causal_i_gt_j", dict(i=21, j=6), dict(causal=True)),       # rows 0..14 see no key
-    ("causal_i_eq_1", dict(i=1, j=33), dict(causal=True)),
-    ("causal_square", dict(i=17, j=17), dict(causal=True)),
-    ("mask_causal", dict(i=12, j=15, mask=True), dict(causal=True)),
-    ("bias_heads", dict(bias="heads"), {}),
-    ("bias_batch", dict(bias="batch"), {}),
-    ("bias_full", dict(bias="full"), {}),
-    ("bias_mask_causal", dict(bias="full", mask=True, i=10, j=14), dict(causal=True)),
-    ("groups4", {}, dict(groups=4)),
-    ("no_l2norm", {}, dict(l2norm_qk=False)),
-    ("scale_3_5", {}, dict(scale=3.5)),
-    ("wide_bias", dict(bias="heads", bias_scale=40.0), {}),   # range beyond any fixed shift
-    ("groups8_scale16", dict(d=32), dict(groups=8, scale=16)),
-]
-FEATURE_IDS = [f[0] for f in FEATURES]
 
 
 def call_kwargs(case, extra):
@@ -97,8 +80,7 @@ def test_torch_functional_forward_returns_lse():
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
-@pytest.mark.parametrize("name,case_kw,kw", [FEATURES[i] for i in (0, 1, 3, 6, 9, 11, 12)],
-                         ids=[FEATURE_IDS[i] for i in (0, 1, 3, 6, 9, 11, 12)])
+@pytest.mark.parametrize("name,case_kw,kw", _SUBSET, ids=[f[0] for f in _SUBSET])
 def test_torch_dtypes(dtype, name, case_kw, kw):
     case = make_case(15, "bhnd", dtype=dtype, **case_kw)
     check_forward(case, kw, dtype)
@@ -106,8 +88,7 @@ def test_torch_dtypes(dtype, name, case_kw, kw):
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
-@pytest.mark.parametrize("name,case_kw,kw", [FEATURES[i] for i in (0, 1, 3, 6, 9, 11, 12)],
-                         ids=[FEATURE_IDS[i] for i in (0, 1, 3, 6, 9, 11, 12)])
+@pytest.mark.parametrize("name,case_kw,kw", _SUBSET, ids=[f[0] for f in _SUBSET])
 def test_numpy_dtypes(dtype, name, case_kw, kw):
     case = make_case(16, "bhnd", dtype=dtype, framework="numpy", **case_kw)
     check_forward(case, kw, dtype, "numpy", ca.forward)
