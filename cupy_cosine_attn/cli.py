@@ -4,7 +4,8 @@
     cupy-cosine-attn bench --dtype bf16 --d 128 --n 1024,4096,16384 --causal both \\
         --mode fwd,bwd,fwdbwd --json out.json --plot out.png
     cupy-cosine-attn info                   # versions, cache dir, kernel path of each spec
-    cupy-cosine-attn warmup                 # compile the common GPU kernel variants
+    cupy-cosine-attn warmup                 # compile (and load) the common GPU kernel variants
+    cupy-cosine-attn warmup --arch sm_80,sm_90a   # the same into the kernel cache, no GPU needed
 """
 from __future__ import annotations
 
@@ -93,6 +94,20 @@ def _str_list(text: str) -> List[str]:
     return [t for t in text.replace(" ", "").split(",") if t]
 
 
+def _arch_list(text: str) -> List[str]:
+    from .kernel_build import normalize_compute_capability
+    out = []
+    for t in _str_list(text.lower()):
+        try:
+            cc = normalize_compute_capability(t)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"unknown arch {t!r}; use e.g. sm_80,sm_90a")
+        out.append(t if t.startswith("sm_") else f"sm_{cc}")
+    if not out:
+        raise argparse.ArgumentTypeError("--arch needs at least one arch, e.g. sm_90a")
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ._version import __version__
     p = argparse.ArgumentParser(prog="cupy-cosine-attn",
@@ -137,8 +152,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quiet", action="store_true", help="do not print the table")
 
     sub.add_parser("info", help="versions, kernel cache, kernel path of each spec")
-    w = sub.add_parser("warmup", help="compile the common GPU kernel variants")
-    w.add_argument("--device", default="cuda", help="CUDA device (default: cuda)")
+    w = sub.add_parser("warmup", help="compile the common GPU kernel variants into the disk cache",
+                       description="Compile every kernel variant of the given dtypes and head "
+                       "dims into the kernel cache (and load it on the GPU). With --arch no GPU "
+                       "is needed: the variants a GPU of that compute capability loads are "
+                       "compiled only.")
+    w.add_argument("--device", default="cuda",
+                   help="CUDA device to compile for and load on (default: cuda, the current one)")
+    w.add_argument("--arch", type=_arch_list, default=None,
+                   help="compile only, for these GPU archs (comma list, e.g. sm_80,sm_90a); "
+                   "no GPU needed")
+    w.add_argument("--dtypes", type=_dtype_list, default=None,
+                   help="comma list of fp16,bf16,fp32 (default: fp16,bf16)")
+    w.add_argument("--dims", type=_int_list, default=None,
+                   help="head dims, comma list (default: 64,128)")
     return p
 
 
@@ -265,6 +292,17 @@ def kernel_path(dtype: str, d: int) -> str:
     return _default_kernel_path(dtype)
 
 
+def _kernel_cache_line() -> str:
+    from .kernel_build import CACHE_DIR_ENV, cache_stats
+    st = cache_stats()
+    where = "set by " + CACHE_DIR_ENV if os.environ.get(CACHE_DIR_ENV) else CACHE_DIR_ENV + " unset"
+    line = (f"kernel cache    {st['dir']} ({st['entries']} entries, "
+            f"{st['bytes'] / 2**20:.1f} MiB; {where})")
+    if st["temp_files"]:
+        line += f"; {st['temp_files']} leftover temp files"
+    return line
+
+
 def info_lines() -> List[str]:
     from . import bench
     device = "cuda" if _cuda_available() else "cpu"
@@ -289,8 +327,7 @@ def info_lines() -> List[str]:
               f"CUDA runtime    {env['cuda_runtime'] or 'n/a'}",
               f"NVRTC           {env['nvrtc'] or 'n/a'}",
               f"CuPy            {env['cupy'] or 'not installed'}",
-              f"kernel cache    {bench.cache_dir()}"
-              + ("" if os.environ.get("CUPY_CACHE_DIR") else " (CUPY_CACHE_DIR unset)"),
+              _kernel_cache_line(),
               f"original pkg    {env['original_package'] or 'not installed'}",
               "", "kernel path per spec (torch CPU tensors and NumPy arrays always take cpu-tiled):"]
     lines.append(f"  {'dtype':<10}{'d':>5}  {'on CPU':<12}{'on GPU'}")
@@ -310,33 +347,109 @@ def cmd_info(args) -> int:
 # warmup
 # ----------------------------------------------------------------------------------------------
 
+def warmup_specs(dtypes: Sequence[str], dims: Sequence[int]) -> list:
+    """Distinct kernel specs of every (dtype, head dim), in launch-table order."""
+    from .gpu_launch import kernel_specs
+    seen = {}
+    for dtype in dtypes:
+        for d in dims:
+            for spec in kernel_specs(dtype, d):
+                seen.setdefault(spec, None)
+    return list(seen)
+
+
+def _device_index(text: str) -> Optional[int]:
+    t = text.strip().lower()
+    if t in ("cuda", "gpu", ""):
+        return None
+    t = t[len("cuda:"):] if t.startswith("cuda:") else t
+    try:
+        return int(t)
+    except ValueError:
+        raise UsageError(f"--device: expected cuda, cuda:N or N, got {text!r}")
+
+
+def warmup_jobs(specs, targets) -> list:
+    """(spec, arch to compile or None when skipped, target) for every target GPU arch: what a
+    GPU of that compute capability loads (sm_90 and sm_90a both mean compute capability 9.0:
+    Hopper variants compile for sm_90a, the others for sm_90); Hopper variants are skipped
+    elsewhere."""
+    from .kernel_build import device_arch
+    jobs = []
+    for target in targets:
+        for spec in specs:
+            try:
+                jobs.append((spec, device_arch(spec, target), target))
+            except RuntimeError:
+                jobs.append((spec, None, target))
+    return jobs
+
+
 def cmd_warmup(args) -> int:
-    if not _cuda_available():
-        print("no CUDA GPU visible: nothing to compile (the CPU path needs no compilation)")
-        return 0
-    import torch
-    import cupy_cosine_attn as ca
-    device = args.device
-    specs = list(itertools.product(WARMUP_DTYPES, WARMUP_DIMS, (False, True)))
-    failures = 0
+    from . import kernel_build as kb
+    dtypes = args.dtypes or list(WARMUP_DTYPES)
+    if "float64" in dtypes:
+        raise UsageError("float64 is a CPU dtype: it has no GPU kernels")
+    try:
+        specs = warmup_specs(dtypes, args.dims or list(WARMUP_DIMS))
+    except ValueError as e:
+        raise UsageError(str(e))
+    device = None
+    if args.arch:
+        targets = list(args.arch)
+    else:
+        if not _cuda_available():
+            print("no CUDA GPU visible and no --arch given: nothing to compile (the CPU path "
+                  "needs no compilation; --arch sm_80,sm_90a fills the kernel cache without a "
+                  "GPU)")
+            return 0
+        import cupy
+        idx = _device_index(args.device)
+        try:
+            device = cupy.cuda.Device() if idx is None else cupy.cuda.Device(idx)
+            targets = [f"sm_{device.compute_capability}"]
+        except Exception as e:  # noqa: BLE001 - CUDARuntimeError: no such device
+            raise UsageError(f"--device {args.device}: {e}")
+    jobs = warmup_jobs(specs, targets)
+    mode = (f"compile and load on GPU {device.id}" if device is not None
+            else "compile only, no GPU needed")
+    print(f"warmup: {len(jobs)} variants for {','.join(targets)} ({mode}); "
+          f"kernel cache {kb.cache_dir()}", flush=True)
+    if any(t.endswith("a") for t in targets):
+        print("  (sm_90a stands for a compute capability 9.0 GPU: Hopper-only variants compile "
+              "for sm_90a, the others for sm_90, as such a GPU loads them)", flush=True)
+    failures = compiled = cached = skipped = 0
+    unstored = False
     t_all = time.perf_counter()
-    for n, (dtype, d, causal) in enumerate(specs, 1):
-        dt = getattr(torch, dtype)
-        q, k, v = (torch.randn(1, 2, 128, d, device=device, dtype=dt, requires_grad=True)
-                   for _ in range(3))
+    for n, (spec, arch, target) in enumerate(jobs, 1):
+        prefix = f"[{n}/{len(jobs)}] {spec.name}"
+        if arch is None:
+            skipped += 1
+            print(f"{prefix} {target} skipped (Hopper-only variant)", flush=True)
+            continue
         t0 = time.perf_counter()
         try:
-            out = ca.flash_cosine_sim_attention(q, k, v, causal=causal)
-            torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
-            torch.cuda.synchronize()
-            status = f"{time.perf_counter() - t0:.1f} s"
+            built = kb.compile_cubin(spec, arch)
+            unstored = unstored or built.path is None
+            if built.compiled:
+                compiled += 1
+                status = f"{time.perf_counter() - t0:.1f} s"
+            else:
+                cached += 1
+                status = "cached"
+            if device is not None:
+                with device:
+                    kb.get_function(spec)
+                status += ", loaded"
         except Exception as e:  # noqa: BLE001 - report every variant, then fail at the end
             failures += 1
             status = f"FAILED: {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
-        print(f"[{n}/{len(specs)}] {dtype:<9} d={d:<4} causal={str(causal):<5} fwd+bwd {status}",
-              flush=True)
-    from .bench import cache_dir
-    print(f"done in {time.perf_counter() - t_all:.1f} s; kernel cache: {cache_dir()}")
+        print(f"{prefix} {arch} {status}", flush=True)
+    st = kb.cache_stats()
+    print(f"done in {time.perf_counter() - t_all:.1f} s: {compiled} compiled, {cached} cached, "
+          f"{skipped} skipped, {failures} failed; kernel cache {st['dir']} "
+          f"({st['entries']} entries)"
+          + (" -- NOT STORED: the cache directory is not writable" if unstored else ""))
     return 1 if failures else 0
 
 

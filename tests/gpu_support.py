@@ -23,6 +23,16 @@ def gpu_unavailable_reason():
     return None
 
 
+def nvrtc_available():
+    """CuPy with a working NVRTC (compiling needs no GPU)."""
+    try:
+        import cupy
+        cupy.cuda.nvrtc.getVersion()
+        return True
+    except Exception:
+        return False
+
+
 def require_gpu():
     """Call at module level of a GPU test file."""
     reason = gpu_unavailable_reason()

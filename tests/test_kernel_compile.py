@@ -7,6 +7,7 @@ import re
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
+from gpu_support import nvrtc_available
 
 cupy = pytest.importorskip("cupy")
 
@@ -14,15 +15,9 @@ from cupy_cosine_attn.gpu_launch import all_kernel_specs  # noqa: E402
 from cupy_cosine_attn.kernel_build import KernelCompileError, compile_only  # noqa: E402
 
 
-def _nvrtc_available():
-    try:
-        cupy.cuda.nvrtc.getVersion()
-        return True
-    except Exception:
-        return False
 
 
-pytestmark = pytest.mark.skipif(not _nvrtc_available(), reason="NVRTC is not installed")
+pytestmark = pytest.mark.skipif(not nvrtc_available(), reason="NVRTC is not installed")
 
 
 def _compile(job):
@@ -60,3 +55,37 @@ def test_compile_error_carries_log_and_spec(tmp_path, monkeypatch):
         assert "broken.cu" in str(info.value) and "error" in info.value.log
     finally:
         kernel_build.read_source.cache_clear()
+
+
+def test_hopper_variants_compile_for_sm90a():
+    """The wgmma kernels (sm_90a only) compile; ptxas reports registers and spills for each."""
+    from cupy_cosine_attn import hopper_launch
+    specs = hopper_launch.specs()
+    assert specs and all(s.is_hopper for s in specs)
+    with ProcessPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(_compile, [(s, "sm_90a") for s in specs]))
+    failed = [(s.name, log) for s, _, res, log in results if res is None]
+    for s, _, res, _ in results:
+        if res is not None:
+            print(f"sm_90a {s.source:18s} {s.name:48s} regs={res[0]:4d} spill_bytes={res[1]}")
+    assert not failed, "\n\n".join(f"{n}:\n{log}" for n, log in failed[:3])
+
+
+def test_hopper_source_refuses_a_target_without_wgmma():
+    """Compiled for plain sm_90 (no 'a' features) the wgmma kernels stop with a clear #error."""
+    from cupy_cosine_attn.kernel_build import KernelSpec
+    spec = KernelSpec("cosine_fwd_sm90.cu", "attn_fwd_wgmma<64, __half, 128, 1>")
+    with pytest.raises(KernelCompileError) as info:
+        compile_only(spec, "sm_90")
+    assert "sm_90a" in info.value.log
+
+
+def test_generated_wgmma_header_is_current():
+    import importlib.util
+    from cupy_cosine_attn.kernel_build import kernel_dir
+    path = kernel_dir() / "gen_wgmma.py"
+    mod_spec = importlib.util.spec_from_file_location("gen_wgmma", path)
+    gen = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(gen)
+    assert (kernel_dir() / "wgmma_ops.cuh").read_text() == gen.render(), \
+        "kernels/wgmma_ops.cuh is stale: run python kernels/gen_wgmma.py"

@@ -1,6 +1,9 @@
 """Packaging: a built wheel carries the CUDA sources inside the package, and the package imports
 and computes with NumPy alone (torch and CuPy imports refused)."""
+import hashlib
+import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -58,6 +61,63 @@ def test_installed_wheel_finds_kernel_sources(wheel, tmp_path):
     assert res.returncode == 0, res.stderr
     expected = {p.name for p in (ROOT / "kernels").iterdir() if p.suffix in (".cu", ".cuh")}
     assert expected <= set(res.stdout.split())
+
+
+def _kernel_sources():
+    return sorted(p.name for p in (ROOT / "kernels").iterdir() if p.suffix in (".cu", ".cuh"))
+
+
+@pytest.fixture(scope="module")
+def clean_wheel(tmp_path_factory):
+    """A wheel built from a copy of the files git would check out (tracked plus untracked, not
+    ignored): no stale build/ or egg-info directory can add or hide files."""
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others",
+                                 "--exclude-standard"], cwd=ROOT, capture_output=True,
+                                check=True, timeout=60).stdout.decode().split("\0")
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    src = tmp_path_factory.mktemp("clean_src")
+    for rel in filter(None, listed):
+        if (ROOT / rel).is_file():
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, src / rel)
+    out = tmp_path_factory.mktemp("clean_wheel")
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps",
+                          "--no-build-isolation", "-q", "-w", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    (wheel,) = out.glob("cupy_cosine_attn-*.whl")
+    return wheel
+
+
+def test_clean_wheel_carries_exactly_the_kernel_sources(clean_wheel):
+    names = zipfile.ZipFile(clean_wheel).namelist()
+    packaged = sorted(n.rsplit("/", 1)[1] for n in names
+                      if n.startswith("cupy_cosine_attn/kernels/") and n.endswith((".cu", ".cuh")))
+    assert packaged == _kernel_sources()
+    assert not any(n.endswith((".cu", ".cuh")) and not n.startswith("cupy_cosine_attn/kernels/")
+                   for n in names)
+
+
+def test_installed_wheel_compiles_the_same_bytes(clean_wheel, tmp_path):
+    """The kernel cache key hashes read_source(); from an installed wheel it must read the very
+    bytes the checkout has (same keys, so a cache filled from either serves both)."""
+    from cupy_cosine_attn.kernel_build import read_source
+    site = tmp_path / "site"
+    zipfile.ZipFile(clean_wheel).extractall(site)
+    sources = [n for n in _kernel_sources() if n.endswith(".cu")]
+    res = _run(f"""
+        import hashlib, json, pathlib
+        from cupy_cosine_attn import kernel_build as kb
+        site = pathlib.Path({str(site)!r}).resolve()
+        assert kb.kernel_dir().resolve().is_relative_to(site), kb.kernel_dir()
+        print(json.dumps({{n: hashlib.sha256(kb.read_source(n).encode()).hexdigest()
+                          for n in {sources!r}}}))
+        """, cwd=tmp_path, env_extra={"PYTHONPATH": str(site)})
+    assert res.returncode == 0, res.stderr
+    installed = json.loads(res.stdout.strip().splitlines()[-1])
+    assert installed == {n: hashlib.sha256(read_source(n).encode()).hexdigest() for n in sources}
 
 
 BLOCKED = """
