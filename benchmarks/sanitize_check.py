@@ -15,9 +15,13 @@ import cupy_cosine_attn as ca  # noqa: E402
 def main():
     g = torch.Generator(device="cuda").manual_seed(0)
     for dt in (torch.float16, torch.bfloat16, torch.float32):
-        for d, causal, bias_kind, det, hk in ((64, True, "heads", False, 1), (40, False, "full", True, 2),
-                                              (128, True, None, False, 2)):
-            b, h, i, j = 2, 2, 70, 90
+        # the last two span several key and query tiles (the Hopper kernels' stage rings)
+        for d, causal, bias_kind, det, hk, i, j in ((64, True, "heads", False, 1, 70, 90),
+                                                    (40, False, "full", True, 2, 70, 90),
+                                                    (128, True, None, False, 2, 70, 90),
+                                                    (64, True, None, False, 2, 200, 333),
+                                                    (128, False, None, False, 1, 150, 300)):
+            b, h = 2, 2
             q, k, v = (torch.randn(b, hh, n, d, device="cuda", generator=g, dtype=dt).requires_grad_()
                        for hh, n in ((h, i), (hk, j), (hk, j)))
             mask = torch.rand(b, j, device="cuda", generator=g) > 0.2

@@ -4,11 +4,14 @@
     torch CPU tensor   -> tiled torch path (autograd through the custom ops in torch_ops)
     torch CUDA tensor  -> GPU kernels, zero-copy through DLPack
     CuPy array         -> GPU kernels
+    other DLPack array -> taken in zero-copy as NumPy (CPU) or CuPy (CUDA); results come back as
+                          those arrays
 """
 from __future__ import annotations
 
 
 from . import cpu_tiled
+from ._arrays import adopt_dlpack
 from ._xp import ops_for
 from .problem import Problem, make_problem
 
@@ -53,6 +56,11 @@ def _run_backward(problem: Problem, dout, out, lse, deterministic=False):
     return dq, dk, dv, dbias
 
 
+def _adopt(**arrays):
+    """Arguments from other DLPack libraries as NumPy/CuPy arrays, in the order given."""
+    return tuple(adopt_dlpack(x, name) for name, x in arrays.items())
+
+
 def _check_like(name, x, shape, problem, dtype=None):
     from . import _arrays
     if _arrays.kind_of(x, name) != problem.kind:
@@ -70,6 +78,7 @@ def forward(q, k, v, mask=None, attn_bias=None, scale=8, groups=1, causal=False,
             l2norm_qk=True, attn_bias_batch_dim=False):
     """Functional forward: returns (out, lse); lse is float32 (float64 for float64 inputs),
     shape q.shape[:-1]."""
+    q, k, v, mask, attn_bias = _adopt(q=q, k=k, v=v, mask=mask, attn_bias=attn_bias)
     problem = make_problem(q, k, v, mask, attn_bias, scale, groups, causal, l2norm_qk,
                            attn_bias_batch_dim)
     return _run_forward(problem)
@@ -78,6 +87,8 @@ def forward(q, k, v, mask=None, attn_bias=None, scale=8, groups=1, causal=False,
 def backward(dout, q, k, v, out, lse, mask=None, attn_bias=None, scale=8, groups=1,
              causal=False, l2norm_qk=True, attn_bias_batch_dim=False, deterministic=False):
     """Functional backward: returns (dq, dk, dv, dbias); dbias is None without attn_bias."""
+    dout, q, k, v, out, lse, mask, attn_bias = _adopt(
+        dout=dout, q=q, k=k, v=v, out=out, lse=lse, mask=mask, attn_bias=attn_bias)
     problem = make_problem(q, k, v, mask, attn_bias, scale, groups, causal, l2norm_qk,
                            attn_bias_batch_dim)
     _check_like("dout", dout, problem.q_shape, problem)
@@ -96,6 +107,7 @@ def flash_cosine_sim_attention(q, k, v, mask=None, attn_bias=None, scale=8, grou
     NumPy and CuPy arrays return the output array. `deterministic=True` makes GPU gradients
     bitwise reproducible.
     """
+    q, k, v, mask, attn_bias = _adopt(q=q, k=k, v=v, mask=mask, attn_bias=attn_bias)
     problem = make_problem(q, k, v, mask, attn_bias, scale, groups, causal, l2norm_qk,
                            attn_bias_batch_dim)
     if problem.kind != "torch":

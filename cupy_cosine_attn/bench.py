@@ -67,6 +67,7 @@ JSON_SCHEMA = {
         "first_call_ms": (float, NoneType), "repeats": int, "flops": int,
         "tflops": (float, NoneType), "peak_mem_bytes": (int, NoneType),
         "rel_err": (float, NoneType), "ratio_vs_best_other": (float, NoneType),
+        "kernel_path": (str, NoneType),
     },
 }
 RESULT_STATUSES = ("ok", "n/a")
@@ -605,10 +606,22 @@ def _runner(fn, inputs: Inputs, mode: str):
     return run
 
 
+def ours_kernel_path(case, mode) -> Optional[str]:
+    """Which of our GPU kernel families ran (forward, and backward for bwd modes)."""
+    try:
+        from .gpu_launch import backward_kernel_path, kernel_path
+        fwd = "fwd " + kernel_path(case.dtype, case.d)
+        if mode == "fwd":
+            return fwd
+        return fwd + ", bwd " + backward_kernel_path(case.dtype, case.d)
+    except Exception:  # noqa: BLE001 - unsupported head dims etc. are reported elsewhere
+        return None
+
+
 def _result_row(case, contender, mode, flops, **kw):
     row = dict(contender=contender, **case.fields(), mode=mode, status="n/a", reason=None,
                time_ms=None, first_call_ms=None, repeats=0, flops=int(flops), tflops=None,
-               peak_mem_bytes=None, rel_err=None, ratio_vs_best_other=None)
+               peak_mem_bytes=None, rel_err=None, ratio_vs_best_other=None, kernel_path=None)
     row.update(kw)
     return row
 
@@ -664,6 +677,10 @@ def run_case(case: Case, modes: Sequence[str], contenders: Sequence[Contender], 
             finally:
                 if device != "cpu":
                     torch.cuda.empty_cache()
+    if device != "cpu":
+        for r in rows:
+            if r["contender"] == OURS:
+                r["kernel_path"] = ours_kernel_path(case, r["mode"])
     add_ratios(rows)
     # Table order: mode, then contender, so one case and mode read as one block.
     rows.sort(key=lambda r: MODES.index(r["mode"]))
@@ -932,7 +949,7 @@ def format_table(doc: dict) -> str:
                      f"{r['rel_err']:.1e}" if r["rel_err"] is not None else "-",
                      f"{r['ratio_vs_best_other']:.2f}x"
                      if r["ratio_vs_best_other"] is not None else "",
-                     f"{r['first_call_ms']:.1f}", r["reason"] or "")
+                     f"{r['first_call_ms']:.1f}", r["reason"] or r.get("kernel_path") or "")
         else:
             cells = (case.label(), r["mode"], r["contender"], "n/a", "", "", "", "", "",
                      f"n/a: {r['reason']}")

@@ -4,6 +4,14 @@ torch CUDA tensors travel through DLPack (bfloat16 as a same-size int16 view, si
 the dtype; kernels take the dtype from the Problem, never from the arrays). Outputs are allocated
 by the caller's framework (torch's caching allocator for torch) and written in place by the
 kernels, which run on the caller's current stream and device.
+
+For torch callers every temporary of gpu_launch comes from torch's caching allocator too
+(`_TorchWorkspace`): one allocator per torch program, and under CUDA-graph capture
+(`torch.cuda.graph`, `torch.compile(mode="reduce-overhead")`) the graph's private memory pool,
+which keeps the captured kernels' memory valid for every replay. CuPy's thread-local allocator
+points at the same torch allocator for the duration of the call, so nothing CuPy allocates
+internally (reductions, copies) lands in CuPy's pool either. CuPy callers keep CuPy's pool and
+CuPy's current stream.
 """
 from __future__ import annotations
 
@@ -12,6 +20,9 @@ import math
 import os
 from dataclasses import replace
 
+import numpy as np
+
+from .gpu_launch import Workspace
 from .problem import Problem
 
 
@@ -41,18 +52,53 @@ def _as_cupy(x):
     return _cupy().from_dlpack(t)
 
 
+class _TorchWorkspace(Workspace):
+    """gpu_launch temporaries from torch's caching allocator, on one device.
+
+    torch.empty allocates on the device's current stream, the stream the kernels are launched
+    on (the caller's current stream). Each CuPy array owns its torch tensor (UnownedMemory's
+    owner), so the memory returns to torch when the array dies, after the kernels using it were
+    enqueued on that stream: the caching allocator reuses it only for work ordered after them.
+    During a graph capture torch.empty serves the capture's private pool.
+    """
+
+    def __init__(self, torch, cupy, index):
+        self._torch, self._cupy, self._index = torch, cupy, index
+        self._device = torch.device("cuda", index)
+
+    def malloc(self, nbytes):
+        """nbytes of device memory as a cupy MemoryPointer (also CuPy's allocator in a call)."""
+        t = self._torch.empty((int(nbytes),), dtype=self._torch.uint8, device=self._device)
+        mem = self._cupy.cuda.UnownedMemory(t.data_ptr(), int(nbytes), t, self._index)
+        return self._cupy.cuda.MemoryPointer(mem, 0)
+
+    def empty(self, shape, dtype):
+        shape = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(map(int, shape))
+        dtype = np.dtype(dtype)
+        return self._cupy.ndarray(shape, dtype=dtype,
+                                  memptr=self.malloc(math.prod(shape) * dtype.itemsize))
+
+    def capturing(self):
+        return bool(self._torch.cuda.is_current_stream_capturing())
+
+
 @contextlib.contextmanager
 def _on_callers_stream(problem):
-    """Run on the caller's device and current stream (looked up per call: graph capture moves it)."""
+    """Run on the caller's device and current stream (looked up per call: graph capture moves it),
+    with temporaries from the caller's allocator."""
     cupy = _cupy()
     idx = _device_index(problem)
-    with cupy.cuda.Device(idx):
-        if problem.kind == "torch":
-            import torch
-            with _external_stream(cupy, torch.cuda.current_stream(idx), idx):
-                yield
-        else:
+    if problem.kind != "torch":
+        with cupy.cuda.Device(idx):       # CuPy's current stream of that device
             yield
+        return
+    import torch
+    from .gpu_launch import using_workspace
+    ws = _TorchWorkspace(torch, cupy, idx)
+    with torch.cuda.device(idx), cupy.cuda.Device(idx), \
+            _external_stream(cupy, torch.cuda.current_stream(idx), idx), \
+            cupy.cuda.using_allocator(ws.malloc), using_workspace(ws):
+        yield
 
 
 def _external_stream(cupy, torch_stream, idx):
@@ -67,18 +113,21 @@ def _external_stream(cupy, torch_stream, idx):
 
 
 def _empty(problem, shape, dtype_name):
-    """Uninitialised output; NaN-filled when CUPY_COSINE_ATTN_POISON=1 (tests: every element
-    must be written by the kernels)."""
+    """Uninitialised output on the problem's device; NaN-filled when CUPY_COSINE_ATTN_POISON=1
+    (tests: every element must be written by the kernels)."""
     poison = os.environ.get("CUPY_COSINE_ATTN_POISON") == "1"
     if problem.kind == "torch":
         import torch
         x = torch.empty(shape, dtype=getattr(torch, dtype_name), device=problem.device)
-    else:
-        cupy = _cupy()
+        if poison:
+            x.fill_(float("nan"))
+        return x
+    cupy = _cupy()
+    with cupy.cuda.Device(_device_index(problem)):
         x = cupy.empty(shape, dtype=cupy.dtype(dtype_name) if dtype_name != "bfloat16"
                        else problem.q.dtype)
-    if poison:
-        x.fill_(float("nan")) if problem.kind == "torch" else x.fill(float("nan"))
+        if poison:
+            x.fill(float("nan"))
     return x
 
 

@@ -28,4 +28,37 @@ __device__ __forceinline__ int key_end(int m0, int rows, int I, int J, int causa
     return causal ? max(0, min(J, m0 + rows + J - I)) : J;
 }
 
+// Forward epilogue of one thread's accumulator pair (columns col, col + 1 of a row).
+template <typename T>
+__device__ __forceinline__ void store_out_pair(T* out_bh, int row, int I, int D, int col, float a,
+                                               float b) {
+    if (row < I && col < D)
+        *reinterpret_cast<u32*>(out_bh + (long long)row * D + col) = Pack<T>::from_floats(a, b);
+}
+
+// lse of a row from its probability sum l and the shift it was taken against (log2 units).
+__device__ __forceinline__ void store_lse(float* lse_bh, int row, int I, float l, float base2) {
+    if (row < I) lse_bh[row] = l > 0.f ? (base2 + log2f(l)) * LN2 : -INFINITY;
+}
+
+// Backward: lse in log2 units; -inf (a row that saw no key) -> +inf so that exp2(x - lse2) = 0.
+__device__ __forceinline__ float lse_log2(float lse) {
+    return lse == -INFINITY ? INFINITY : lse * LOG2E;
+}
+
+// Bias gradient sink: dS goes to `direct_p` (type T, written once per element) when set, else is
+// atomically added to the fp32 buffer `acc_p` (broadcast bias dims).
+template <typename T>
+struct BiasGrad {
+    T* __restrict__ direct_p;
+    float* __restrict__ acc_p;
+    long long sb, sh, si;
+    __device__ __forceinline__ bool active() const { return direct_p != nullptr || acc_p != nullptr; }
+    __device__ __forceinline__ void put(int bi, int hi, int row, int col, float ds) const {
+        const long long off = bi * sb + hi * sh + (long long)row * si + col;
+        if (direct_p) direct_p[off] = from_float<T>(ds);
+        else atomicAdd(acc_p + off, ds);
+    }
+};
+
 }  // namespace cattn

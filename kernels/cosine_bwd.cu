@@ -13,26 +13,6 @@
 #include "attn_common.cuh"
 using namespace cattn;
 
-__device__ __forceinline__ float lse_log2(float lse) {
-    // -inf (no visible key) -> +inf so that exp2(x - lse2) = 0
-    return lse == -INFINITY ? INFINITY : lse * LOG2E;
-}
-
-// Bias gradient sink: dS goes to `dbias` (type T, written once per element) when `direct`,
-// else is atomically added to the fp32 buffer `dbias_acc` (broadcast bias dims).
-template <typename T>
-struct BiasGrad {
-    T* __restrict__ direct_p;
-    float* __restrict__ acc_p;
-    long long sb, sh, si;
-    __device__ __forceinline__ bool active() const { return direct_p != nullptr || acc_p != nullptr; }
-    __device__ __forceinline__ void put(int bi, int hi, int row, int col, float ds) const {
-        const long long off = bi * sb + hi * sh + (long long)row * si + col;
-        if (direct_p) direct_p[off] = from_float<T>(ds);
-        else atomicAdd(acc_p + off, ds);
-    }
-};
-
 template <int DP, typename T, bool ATOMIC_DQ>
 __global__ void __launch_bounds__(128)
 attn_bwd_kv_mma(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,

@@ -157,18 +157,12 @@ attn_fwd_mma(const T* __restrict__ q, const T* __restrict__ k, const T* __restri
     T* ob = out + (long long)bh * I * D;
 #pragma unroll
     for (int db = 0; db < DP / 8; ++db) {
-        const int col = db * 8 + 2 * t;
-        if (col < D) {
-            if (row0 < I)
-                *reinterpret_cast<u32*>(ob + (long long)row0 * D + col) = Pack<T>::from_floats(o[db][0] * inv0, o[db][1] * inv0);
-            if (row1 < I)
-                *reinterpret_cast<u32*>(ob + (long long)row1 * D + col) = Pack<T>::from_floats(o[db][2] * inv1, o[db][3] * inv1);
-        }
+        store_out_pair(ob, row0, I, D, db * 8 + 2 * t, o[db][0] * inv0, o[db][1] * inv0);
+        store_out_pair(ob, row1, I, D, db * 8 + 2 * t, o[db][2] * inv1, o[db][3] * inv1);
     }
     if (t == 0) {
-        const float base0 = ONLINE ? mx0 : c_shift, base1 = ONLINE ? mx1 : c_shift;
-        if (row0 < I) lse[(long long)bh * I + row0] = l0 > 0.f ? (base0 + log2f(l0)) * LN2 : -INFINITY;
-        if (row1 < I) lse[(long long)bh * I + row1] = l1 > 0.f ? (base1 + log2f(l1)) * LN2 : -INFINITY;
+        store_lse(lse + (long long)bh * I, row0, I, l0, ONLINE ? mx0 : c_shift);
+        store_lse(lse + (long long)bh * I, row1, I, l1, ONLINE ? mx1 : c_shift);
     }
 }
 

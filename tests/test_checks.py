@@ -208,3 +208,45 @@ def test_l2norm_tensors_checks(fw):
         ca.l2norm_tensors(arr((2, 8), fw), groups=0)
     with pytest.raises(ValueError):
         ca.l2norm_tensors()
+
+
+class _ForeignArray:
+    """An array of some other library: only the DLPack protocol, on the CPU."""
+
+    def __init__(self, a):
+        self._a = a
+
+    def __dlpack__(self, **kwargs):
+        return self._a.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return self._a.__dlpack_device__()
+
+
+def test_any_dlpack_array_is_taken_in():
+    import numpy as np
+    import cupy_cosine_attn as ca
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 2, 9, 16)).astype(np.float32) for _ in range(3))
+    ref_out, ref_lse = ca.forward(q, k, v, causal=True)
+    out, lse = ca.forward(_ForeignArray(q), _ForeignArray(k), _ForeignArray(v), causal=True)
+    assert isinstance(out, np.ndarray) and np.array_equal(out, ref_out) and np.array_equal(lse, ref_lse)
+    out2 = ca.flash_cosine_sim_attention(_ForeignArray(q), k, v, causal=True)
+    assert np.array_equal(out2, ref_out)
+    dout = rng.standard_normal(q.shape).astype(np.float32)
+    grads = ca.backward(_ForeignArray(dout), q, k, v, _ForeignArray(out), lse, causal=True)
+    assert all(np.array_equal(a, b) for a, b in zip(grads[:3], ca.backward(dout, q, k, v, out, lse, causal=True)[:3]))
+
+
+def test_dlpack_array_on_an_unsupported_device_is_a_clear_error():
+    import numpy as np
+    import cupy_cosine_attn as ca
+
+    class OnSomeAccelerator(_ForeignArray):
+        def __dlpack_device__(self):
+            return (7, 0)                   # kDLVulkan
+    q = np.zeros((1, 1, 4, 16), np.float32)
+    with pytest.raises(TypeError, match="k is on DLPack device type 7"):
+        ca.forward(q, OnSomeAccelerator(q), q)
+    with pytest.raises(TypeError, match="q must be a NumPy array"):
+        ca.forward([[1.0]], q, q)

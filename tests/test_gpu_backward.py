@@ -63,6 +63,7 @@ CASES = [
     dict(i=130, j=70, groups=2),
     dict(i=130, j=170, l2norm=False),
     dict(i=129, j=129, groups=8, scale=16.0),
+    dict(i=300, j=700, causal=True, hk=2),      # many query tiles per key tile, GQA sums
 ]
 
 
@@ -167,3 +168,4 @@ def test_large_offsets_backward():
     ref, _ = truth(qt, k.detach(), v.detach())
     rq, = torch.autograd.grad(ref.sum(), (qt,))
     assert rel_err(dq[:, :, tail], rq) < 5e-3
+

@@ -62,6 +62,7 @@ CASES = [
     dict(i=130, j=70, groups=2),
     dict(i=130, j=170, l2norm=False),
     dict(i=129, j=129, groups=8, scale=16.0),  # online softmax variant
+    dict(i=700, j=1100, causal=True, hk=2),     # many key tiles through the stage rings
 ]
 
 
@@ -174,3 +175,39 @@ def test_large_offsets_beyond_2_31_elements():
     tail = slice(n - 100, n)
     ref = truth(q[:, :, tail], k, v)[0]
     assert rel_err(out[:, :, tail], ref) < 2e-3
+
+
+
+def test_hopper_path_is_chosen_on_hopper():
+    """On a compute-capability 9.0 GPU, fp16/bf16 at d = 64 and 128 run the wgmma kernels."""
+    import cupy
+    from cupy_cosine_attn import gpu_launch, hopper_launch
+    on_hopper = cupy.cuda.Device().compute_capability == "90"
+    for dt in ("float16", "bfloat16"):
+        for d in (64, 128):
+            assert gpu_launch.kernel_path(dt, d) == ("sm90-wgmma" if on_hopper else "sm80-mma")
+            assert hopper_launch.covers_backward(dt, d, deterministic=False) == on_hopper
+            assert not hopper_launch.covers_backward(dt, d, deterministic=True)
+        assert gpu_launch.kernel_path(dt, 96) == "sm80-mma"
+
+
+def test_foreign_dlpack_cuda_arrays_come_back_as_cupy():
+    """Arrays of any library that speaks DLPack on a CUDA device run on the GPU kernels."""
+    import cupy
+
+    class Foreign:
+        def __init__(self, t):
+            self._t = t
+
+        def __dlpack__(self, **kwargs):
+            return self._t.__dlpack__(**kwargs)
+
+        def __dlpack_device__(self):
+            return self._t.__dlpack_device__()
+
+    g = torch.Generator(device=DEV).manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 70, 64, device=DEV, generator=g, dtype=torch.float16) for _ in range(3))
+    out, lse = ca.forward(Foreign(q), Foreign(k), Foreign(v), causal=True)
+    assert isinstance(out, cupy.ndarray) and isinstance(lse, cupy.ndarray)
+    ref, _ = ca.forward(q, k, v, causal=True)
+    assert torch.equal(torch.from_dlpack(out), ref)

@@ -1,0 +1,126 @@
+"""The Hopper (sm_90a, wgmma) kernels: which calls they cover, their variants, their launches.
+
+Forward: fp16/bf16, head dims in SM90_HEAD_DIMS, a fixed softmax shift (the online variant stays
+on the sm_80 kernels). Backward: the same dtypes and head dims with atomic dQ (deterministic=True
+keeps the sm_80 fixed-order dQ pass). Both need a device of compute capability 9.0; everything
+else -- and any call when CUPY_COSINE_ATTN_SM90=0 -- runs on the sm_80 kernels
+(gpu_launch.kernel_path says which family a call uses).
+"""
+from __future__ import annotations
+
+import os
+
+from .kernel_build import KernelSpec, get_function
+
+SM90_HEAD_DIMS = (64, 128)
+
+
+def sm90_bn(d):
+    """Keys per forward tile (measured on an H200: benchmarks/NOTES.md)."""
+    env = os.environ.get("CUPY_COSINE_ATTN_SM90_BN")
+    return int(env) if env else (128 if d == 64 else 64)
+
+
+def sm90_wgs(d):
+    """Consumer warpgroups (64 query rows each) per forward CTA (measured: benchmarks/NOTES.md)."""
+    env = os.environ.get("CUPY_COSINE_ATTN_SM90_WGS")
+    return int(env) if env else 1
+
+
+def sm90_enabled():
+    return os.environ.get("CUPY_COSINE_ATTN_SM90", "1") != "0"
+
+
+def device_is_sm90():
+    import cupy
+    return cupy.cuda.Device().compute_capability == "90"
+
+
+def covers(dtype, d, online):
+    """True when the Hopper forward handles this (dtype, head dim, shift kind) on this device."""
+    return (sm90_enabled() and dtype in ("float16", "bfloat16") and d in SM90_HEAD_DIMS
+            and not online and device_is_sm90())
+
+
+def forward_spec(ctype, d, bn=None, wgs=None):
+    bn = sm90_bn(d) if bn is None else bn
+    wgs = sm90_wgs(d) if wgs is None else wgs
+    return KernelSpec("cosine_fwd_sm90.cu", f"attn_fwd_wgmma<{d}, {ctype}, {bn}, {wgs}>", hopper=True)
+
+
+def forward_smem(d, bn, wgs):
+    # Q tile + 2-stage K and V rings, plus 1 KiB to align the swizzled tiles to 1024 bytes.
+    return 64 * wgs * d * 2 + 4 * bn * d * 2 + 1024
+
+
+_SMEM_SET = {}
+
+
+def launch(ctype, d, args, b, h, i, bn=None, wgs=None):
+    """Launch the Hopper forward with attn_fwd_mma's argument tuple."""
+    bn = sm90_bn(d) if bn is None else bn
+    wgs = sm90_wgs(d) if wgs is None else wgs
+    fn = get_function(forward_spec(ctype, d, bn, wgs))
+    smem = forward_smem(d, bn, wgs)
+    if _SMEM_SET.get(id(fn), 0) < smem:      # once per kernel, before any graph capture
+        fn.max_dynamic_shared_size_bytes = smem
+        _SMEM_SET[id(fn)] = smem
+    grid = (b * h * (-(-i // (64 * wgs))),)
+    fn(grid, (128 * wgs,), args, shared_mem=smem)
+
+
+def covers_backward(dtype, d, deterministic):
+    return (sm90_enabled() and dtype in ("float16", "bfloat16") and d in SM90_HEAD_DIMS
+            and not deterministic and device_is_sm90())
+
+
+SM90_BWD_BM = 64                      # queries per step of the backward
+
+
+def sm90_bwd_wgs(d):
+    """Warpgroups (64 keys each) per backward CTA: one at d = 64 (two CTAs share an SM)."""
+    env = os.environ.get("CUPY_COSINE_ATTN_SM90_BWD_WGS")
+    if env and d == 64:
+        return int(env)
+    return 1 if d == 64 else 2
+
+
+def sm90_bulk_dq():
+    """dQ by copy-engine bulk reduce-add (default) or by fp32 atomics (env override, tuning)."""
+    return os.environ.get("CUPY_COSINE_ATTN_SM90_BULK_DQ", "1") != "0"
+
+
+def backward_spec(ctype, d, bulk=None, wgs=None):
+    bulk = sm90_bulk_dq() if bulk is None else bulk
+    wgs = sm90_bwd_wgs(d) if wgs is None else wgs
+    return KernelSpec("cosine_bwd_sm90.cu",
+                      f"attn_bwd_wgmma<{d}, {ctype}, {'true' if bulk else 'false'}, {wgs}>", hopper=True)
+
+
+def backward_smem(d, wgs):
+    # K, V tiles; 2-stage Q and dO; the dS^T tile; 2-stage lse and delta; the dQ staging rows
+    # (16 rows of 64 + 8 floats per warp); 1 KiB alignment.
+    bn, bm = 64 * wgs, SM90_BWD_BM
+    return (2 * bn * d * 2 + 4 * bm * d * 2 + bn * bm * 2 + 4 * bm * 4 + 4 * wgs * 16 * 72 * 4
+            + 1024)
+
+
+def launch_backward(ctype, d, args, b, hk, j, bulk=None, wgs=None):
+    """Launch the Hopper backward with attn_bwd_kv_mma's argument tuple (atomic dQ)."""
+    wgs = sm90_bwd_wgs(d) if wgs is None else wgs
+    fn = get_function(backward_spec(ctype, d, bulk, wgs))
+    smem = backward_smem(d, wgs)
+    if _SMEM_SET.get(id(fn), 0) < smem:
+        fn.max_dynamic_shared_size_bytes = smem
+        _SMEM_SET[id(fn)] = smem
+    fn((b * hk * (-(-j // (64 * wgs))),), (128 * wgs,), args, shared_mem=smem)
+
+
+def specs():
+    """Every Hopper variant (for warm-up and the CI compile check, sm_90a only)."""
+    cts = ("__half", "__nv_bfloat16")
+    return ([forward_spec(ct, d, bn, wgs) for ct in cts for d in SM90_HEAD_DIMS for bn in (64, 128)
+             for wgs in (1, 2)]
+            + [backward_spec(ct, d, bulk, wgs) for ct in cts for d in SM90_HEAD_DIMS
+               for bulk in (True, False) for wgs in ((1, 2) if d == 64 else (2,))])
+

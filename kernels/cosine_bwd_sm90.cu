@@ -1,0 +1,242 @@
+// Hopper backward (sm_90a): the contract and arguments of attn_bwd_kv_mma<DP, T, true> in
+// cosine_bwd.cu (dK, dV written once; dQ and broadcast-bias gradients added with fp32 atomics),
+// on wgmma. The deterministic dQ pass stays on the sm_80 kernels.
+//
+// One CTA = WGS consumer warpgroups of 64 keys each (WGS = 1 at d = 64: two CTAs per SM); K and V stay in 128B-swizzled smem
+// (sm90.cuh). The CTA walks the query tiles (64 rows) of every query head of its k/v head, Q and
+// dO double-buffered with cp.async. Per query tile, each warpgroup:
+//   S^T = K Q^T, dP^T = V dO^T                      (wgmma, all operands K-major in smem)
+//   P^T = exp2(S^T c + bias - lse), dS^T = P^T (dP^T - delta)      (registers)
+//   dS^T -> smem (16-bit, swizzled), barrier
+//   dV += P^T dO, dK += dS^T Q                      (A from registers, dO/Q MN-major in smem)
+//   dQ  = dS K over a slice                         (A = dS MN-major, B = K MN-major, in smem)
+//   dQ -> global fp32: bulk reduce-add of each warp's rows staged in smem (BULK_DQ), or atomics
+// dQ slices: d = 128 splits the head dim (warpgroup w: columns 64w.., all 128 keys); d = 64
+// splits the keys (warpgroup w: its own 64 keys, all columns). 32 accumulators either way.
+#include "attn_common.cuh"
+#include "sm90.cuh"
+using namespace cattn;
+
+template <int D, typename T, bool BULK_DQ, int WGS>
+__global__ void __launch_bounds__(128 * WGS, WGS == 1 ? 2 : 1)
+attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+               const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
+               const T* __restrict__ bias, const unsigned char* __restrict__ mask,
+               float* __restrict__ dq_acc, float* __restrict__ dk_out, T* __restrict__ dv_out,
+               T* __restrict__ dbias, float* __restrict__ dbias_acc,
+               long long bias_sb, long long bias_sh, long long bias_si,
+               int B, int H, int HK, int I, int J, int Dim, int causal, float scale, float c_scale) {
+    static_assert(WGS == 2 || D == 64, "one warpgroup per CTA only at d = 64 (dQ registers)");
+    constexpr int BN = 64 * WGS, BM = 64, THREADS = 128 * WGS;
+    constexpr int TILE_KV = BN * D * 2, TILE_Q = BM * D * 2, TILE_DS = BN * BM * 2;
+    constexpr bool SPLIT_D = D == 128;            // else split the keys
+    constexpr int DQ_N = SPLIT_D ? 64 : D, DQ_KEYS = SPLIT_D ? BN : 64;
+    extern __shared__ __align__(1024) unsigned char smem_raw[];
+    unsigned char* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+    unsigned char* sK = smem;
+    unsigned char* sV = sK + TILE_KV;
+    unsigned char* sQ = sV + TILE_KV;          // 2 stages
+    unsigned char* sO = sQ + 2 * TILE_Q;       // dO, 2 stages
+    unsigned char* sdS = sO + 2 * TILE_Q;      // dS^T: keys x queries, sw128 (one slab)
+    float* sL = reinterpret_cast<float*>(sdS + TILE_DS);   // 2 x BM: lse
+    float* sDl = sL + 2 * BM;                                // 2 x BM: delta
+    constexpr int SDQ = DQ_N + 8;                            // padded fp32 row of a dQ slice
+    float* sdQ = sDl + 2 * BM;                               // BULK_DQ: per warp 16 x SDQ
+
+    const int n_key_tiles = (J + BN - 1) / BN;
+    const int n0 = (int)(blockIdx.x % n_key_tiles) * BN;
+    const int bhk = blockIdx.x / n_key_tiles, bi = bhk / HK, hki = bhk % HK;
+    const int group = H / HK;
+    const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+    const int g = lane / 4, t = lane % 4;
+    const long long kv_off = ((long long)bhk * J + n0) * D;
+    const unsigned char* mask_b = mask ? mask + (long long)bi * J : nullptr;
+    const BiasView<T> bview{bias, bias_sb, bias_sh, bias_si};
+    const BiasGrad<T> bgrad{dbias, dbias_acc, bias_sb, bias_sh, bias_si};
+    const bool want_dbias = bias != nullptr;
+
+    // Query rows that see some key of this tile (causal: r >= n0 - (J - I)).
+    const int m_first = causal ? max(0, n0 - (J - I)) : 0;
+    const int t_first = m_first / BM, n_q_tiles = (I + BM - 1) / BM;
+    const int per_head = max(0, n_q_tiles - t_first), total = per_head * group;
+
+    load_tile_sw128<BN, D, THREADS>(reinterpret_cast<T*>(sK), k + kv_off, J - n0);
+    load_tile_sw128<BN, D, THREADS>(reinterpret_cast<T*>(sV), v + kv_off, J - n0);
+    // Q, dO, and the raw lse and delta of a query tile, all through cp.async (a plain global
+    // load here would stall its warps for a full memory latency every tile). Rows past the end
+    // get lse = +inf (P = 0 there) and delta = 0 without a load.
+    auto load_q_tile = [&](int it, int stage) {
+        const int hq = hki * group + it / per_head, m0 = (t_first + it % per_head) * BM;
+        const long long qoff = (long long)(bi * H + hq) * I + m0;
+        load_tile_sw128<BM, D, THREADS>(reinterpret_cast<T*>(sQ + stage * TILE_Q), q + qoff * D, I - m0);
+        load_tile_sw128<BM, D, THREADS>(reinterpret_cast<T*>(sO + stage * TILE_Q), dout + qoff * D, I - m0);
+        for (int r = threadIdx.x; r < 2 * BM; r += THREADS) {
+            const int row = r % BM;
+            float* dst = (r < BM ? sL : sDl) + stage * BM + row;
+            if (m0 + row < I) cp_async_4(dst, (r < BM ? lse : delta) + qoff + row);
+            else *dst = r < BM ? INFINITY : 0.f;
+        }
+    };
+    if (total > 0) load_q_tile(0, 0);
+    cp_async_commit();
+
+    float dk[D / 2], dv[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) dk[i] = dv[i] = 0.f;
+    pin(dk);
+    pin(dv);
+
+    const int key0 = n0 + wg * 64 + warp * 16 + g, key1 = key0 + 8;   // this thread's key rows
+    for (int it = 0; it < total; ++it) {
+        const int stage = it & 1;
+        const int hq = hki * group + it / per_head, m0 = (t_first + it % per_head) * BM;
+        // Tile `it` has landed, and every warpgroup is done with tile it-1 (its wgmmas were
+        // waited for), so stage^1 and the dS^T tile may be refilled: one barrier per tile here,
+        // one for dS^T below.
+        cp_async_wait<0>();
+        fence_async_smem();
+        __syncthreads();
+        if (it + 1 < total) load_q_tile(it + 1, stage ^ 1);
+        cp_async_commit();
+        const unsigned char* Qs = sQ + stage * TILE_Q;
+        const unsigned char* Os = sO + stage * TILE_Q;
+        const float* Ls = sL + stage * BM;
+        const float* Ds = sDl + stage * BM;
+
+        // S^T, dP^T: this warpgroup's 64 keys x 64 queries.
+        float st[BM / 2], dpt[BM / 2];
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            const int a_off = (kk / 4) * BN * 128 + wg * 64 * 128 + (kk % 4) * 32;
+            const int b_off = (kk / 4) * BM * 128 + (kk % 4) * 32;
+            Wgmma<BM, T>::ss(st, sw128_desc(sK + a_off, 16, 1024), sw128_desc(Qs + b_off, 16, 1024), kk > 0);
+            Wgmma<BM, T>::ss(dpt, sw128_desc(sV + a_off, 16, 1024), sw128_desc(Os + b_off, 16, 1024), kk > 0);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+        pin(st);
+        pin(dpt);
+
+        // P^T and dS^T; element i: key row (i & 2 ? key1 : key0), query column m0 + 8(i/4) + 2t + (i&1).
+        const bool check = (causal && n0 + BN - 1 > m0 + (J - I)) || (n0 + BN > J) || mask_b != nullptr;
+        u32 pa[BM / 16][4], sa[BM / 16][4];
+#pragma unroll
+        for (int kc = 0; kc < BM / 16; ++kc) {
+            float pe[8], se[8];
+#pragma unroll
+            for (int u = 0; u < 8; ++u) {
+                const int i = 8 * kc + u;
+                const int key = (i & 2) ? key1 : key0;
+                const int qc = (i / 4) * 8 + 2 * t + (i & 1), row = m0 + qc;
+                const float b2 = bias ? bview.log2_at(bi, hq, min(row, I - 1), min(key, J - 1)) : 0.f;
+                float p = fast_exp2(fmaf(st[i], c_scale, b2) - lse_log2(Ls[qc]));
+                if (check && !key_visible(mask_b, row, key, I, J, causal)) p = 0.f;
+                const float ds = p * (dpt[i] - Ds[qc]);
+                pe[u] = p;
+                se[u] = ds;
+                if (want_dbias && p != 0.f) bgrad.put(bi, hq, row, key, ds);
+            }
+            pa[kc][0] = Pack<T>::from_floats(pe[0], pe[1]);
+            pa[kc][1] = Pack<T>::from_floats(pe[2], pe[3]);
+            pa[kc][2] = Pack<T>::from_floats(pe[4], pe[5]);
+            pa[kc][3] = Pack<T>::from_floats(pe[6], pe[7]);
+            sa[kc][0] = Pack<T>::from_floats(se[0], se[1]);
+            sa[kc][1] = Pack<T>::from_floats(se[2], se[3]);
+            sa[kc][2] = Pack<T>::from_floats(se[4], se[5]);
+            sa[kc][3] = Pack<T>::from_floats(se[6], se[7]);
+            // dS^T to smem, row = local key, column = local query: pairs of queries per store.
+            const int kl0 = wg * 64 + warp * 16 + g, qc0 = kc * 16 + 2 * t;
+            *reinterpret_cast<u32*>(sdS + sw128_offset<BN>(kl0, qc0)) = sa[kc][0];
+            *reinterpret_cast<u32*>(sdS + sw128_offset<BN>(kl0 + 8, qc0)) = sa[kc][1];
+            *reinterpret_cast<u32*>(sdS + sw128_offset<BN>(kl0, qc0 + 8)) = sa[kc][2];
+            *reinterpret_cast<u32*>(sdS + sw128_offset<BN>(kl0 + 8, qc0 + 8)) = sa[kc][3];
+        }
+        fence_async_smem();
+        __syncthreads();    // all of dS^T is in smem
+
+        // dV += P^T dO, dK += dS^T Q (keys x d; k = queries), dQ = dS K (queries x d; k = keys).
+        float dq[DQ_N / 2];
+        wgmma_fence();
+#pragma unroll
+        for (int kc = 0; kc < BM / 16; ++kc) {
+            Wgmma<D, T>::template rs<1>(dv, pa[kc], sw128_desc(Os + kc * 16 * 128, BM * 128, 1024), 1);
+            Wgmma<D, T>::template rs<1>(dk, sa[kc], sw128_desc(Qs + kc * 16 * 128, BM * 128, 1024), 1);
+        }
+        {
+            const int key_base = SPLIT_D ? 0 : wg * 64;           // first key row of the slice
+            const int col_slab = SPLIT_D ? wg : 0;                // 64-column slab of K
+#pragma unroll
+            for (int kc = 0; kc < DQ_KEYS / 16; ++kc) {
+                const int kr = key_base + kc * 16;
+                Wgmma<DQ_N, T>::template ss<1, 1>(dq, sw128_desc(sdS + kr * 128, 1024, 1024),
+                                                  sw128_desc(sK + col_slab * BN * 128 + kr * 128, BN * 128, 1024), kc > 0);
+            }
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+        pin(dq);
+        pin(dk);
+        pin(dv);
+        pin(pa);
+        pin(sa);
+
+        // dQ: rows m0 + 16 warp + g (+8), columns c0 + 8j + 2t (+1).
+        float* dqb = dq_acc + (long long)(bi * H + hq) * I * D;
+        const int r0 = m0 + warp * 16 + g, r1 = r0 + 8, c0 = SPLIT_D ? wg * 64 : 0;
+        if (BULK_DQ) {
+            // Each warp stages its 16 rows and lanes 0..15 reduce-add one row each (DQ_N * 4
+            // bytes): 16 copy-engine operations instead of 16 * DQ_N atomics.
+            float* sw = sdQ + (wg * 4 + warp) * 16 * SDQ;
+            if (lane < 16) bulk_wait_read();   // the previous tile's rows have been read
+            __syncwarp();
+#pragma unroll
+            for (int j = 0; j < DQ_N / 8; ++j) {
+                const int col = j * 8 + 2 * t;
+                *reinterpret_cast<float2*>(sw + g * SDQ + col) = make_float2(dq[4 * j] * scale, dq[4 * j + 1] * scale);
+                *reinterpret_cast<float2*>(sw + (g + 8) * SDQ + col) = make_float2(dq[4 * j + 2] * scale, dq[4 * j + 3] * scale);
+            }
+            fence_async_smem();
+            __syncwarp();
+            const int row = m0 + warp * 16 + lane;
+            if (lane < 16 && row < I) {
+                bulk_reduce_add_f32(dqb + (long long)row * D + c0, sw + lane * SDQ, DQ_N * 4);
+                bulk_commit();
+            }
+        } else {
+#pragma unroll
+            for (int j = 0; j < DQ_N / 8; ++j) {
+                const int col = c0 + j * 8 + 2 * t;
+                if (r0 < I) {
+                    atomicAdd(dqb + (long long)r0 * D + col, dq[4 * j + 0] * scale);
+                    atomicAdd(dqb + (long long)r0 * D + col + 1, dq[4 * j + 1] * scale);
+                }
+                if (r1 < I) {
+                    atomicAdd(dqb + (long long)r1 * D + col, dq[4 * j + 2] * scale);
+                    atomicAdd(dqb + (long long)r1 * D + col + 1, dq[4 * j + 3] * scale);
+                }
+            }
+        }
+    }
+    wgmma_wait<0>();
+    pin(dk);
+    pin(dv);
+    if (BULK_DQ && lane < 16) bulk_wait();   // smem must outlive the copy engine's reads
+
+    // dkhat = scale * dK (fp32: the normalisation backward follows), dV in T.
+    float* dkb = dk_out + kv_off;
+    T* dvb = dv_out + kv_off;
+    const int k0 = wg * 64 + warp * 16 + g, k1 = k0 + 8;
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) {
+        const int col = j * 8 + 2 * t;
+        if (n0 + k0 < J) {
+            *reinterpret_cast<float2*>(dkb + (long long)k0 * D + col) = make_float2(dk[4 * j] * scale, dk[4 * j + 1] * scale);
+            *reinterpret_cast<u32*>(dvb + (long long)k0 * D + col) = Pack<T>::from_floats(dv[4 * j], dv[4 * j + 1]);
+        }
+        if (n0 + k1 < J) {
+            *reinterpret_cast<float2*>(dkb + (long long)k1 * D + col) = make_float2(dk[4 * j + 2] * scale, dk[4 * j + 3] * scale);
+            *reinterpret_cast<u32*>(dvb + (long long)k1 * D + col) = Pack<T>::from_floats(dv[4 * j + 2], dv[4 * j + 3]);
+        }
+    }
+}

@@ -1,0 +1,179 @@
+// Hopper forward (sm_90a): the same contract and arguments as attn_fwd_mma in cosine_fwd.cu, on
+// wgmma. Fixed shift only (the online variant stays on the sm_80 kernel).
+//
+// One CTA = WGS consumer warpgroups of 64 query rows each (WGS = 1: two CTAs share an SM and
+// drift apart, so one's exponentials overlap the other's matrix products); key tiles of BN rows. K and V
+// tiles sit in 128B-swizzled shared memory (sm90.cuh), in 2-stage rings filled with cp.async by
+// all 256 threads, one barrier per key tile; the Q tile stays in smem. Per warpgroup and key
+// tile t:
+//   issue S(t+1) = Q K(t+1)^T            (async, Q and K K-major in smem)
+//   issue O += P(t) V(t)                   (async, P from registers, V MN-major in smem)
+//   wait for S(t+1); exp2(S(t+1) * c - shift) while P(t) V(t) runs
+//   wait for P(t) V(t); P(t+1) = the exponentials as 16-bit A fragments
+// The known maximum means no row max and no accumulator rescale; l is summed once at the end.
+#include "attn_common.cuh"
+#include "sm90.cuh"
+using namespace cattn;
+
+template <int D, typename T, int BN, int WGS>
+__global__ void __launch_bounds__(128 * WGS, WGS == 1 ? 2 : 1)
+attn_fwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+               const T* __restrict__ bias, const unsigned char* __restrict__ mask,
+               T* __restrict__ out, float* __restrict__ lse,
+               long long bias_sb, long long bias_sh, long long bias_si,
+               int B, int H, int HK, int I, int J, int Dim, int causal,
+               float c_scale, float c_shift) {
+    constexpr int BM = 64 * WGS, STAGES = 2, THREADS = 128 * WGS;
+    constexpr int TILE_Q = BM * D * 2, TILE_KV = BN * D * 2;
+    extern __shared__ __align__(1024) unsigned char smem_raw[];
+    unsigned char* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+    unsigned char* sQ = smem;
+    unsigned char* sK = smem + TILE_Q;
+    unsigned char* sV = sK + STAGES * TILE_KV;
+
+    const int n_row_tiles = (I + BM - 1) / BM;
+    const int m0 = (n_row_tiles - 1 - (int)(blockIdx.x % n_row_tiles)) * BM;
+    const int bh = blockIdx.x / n_row_tiles, bi = bh / H, hi = bh % H, hki = hi / (H / HK);
+    const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+    const int g = lane / 4, t = lane % 4;
+    const T* qb = q + ((long long)bh * I + m0) * D;
+    const long long kv_off = (long long)(bi * HK + hki) * J * D;
+    const T* kb = k + kv_off;
+    const T* vb = v + kv_off;
+    const unsigned char* mask_b = mask ? mask + (long long)bi * J : nullptr;
+    const BiasView<T> bview{bias, bias_sb, bias_sh, bias_si};
+    const int n_tiles = (key_end(m0, BM, I, J, causal) + BN - 1) / BN;
+
+    auto load_k = [&](int tile) {
+        load_tile_sw128<BN, D, THREADS>(reinterpret_cast<T*>(sK + (tile % STAGES) * TILE_KV),
+                                        kb + (long long)tile * BN * D, J - tile * BN);
+    };
+    auto load_v = [&](int tile) {
+        load_tile_sw128<BN, D, THREADS>(reinterpret_cast<T*>(sV + (tile % STAGES) * TILE_KV),
+                                        vb + (long long)tile * BN * D, J - tile * BN);
+    };
+    // S = Q K^T for this warpgroup's 64 rows: D/16 k-steps of m64nBNk16, Q and K K-major in smem
+    // (Q in registers would cost D/4 registers per thread that the BN = 128 tiles cannot spare).
+    auto issue_qk = [&](float (&s)[BN / 2], int tile) {
+        const unsigned char* kt = sK + (tile % STAGES) * TILE_KV;
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            const unsigned long long da = sw128_desc(sQ + (kk / 4) * BM * 128 + wg * 64 * 128 + (kk % 4) * 32, 16, 1024);
+            const unsigned long long db = sw128_desc(kt + (kk / 4) * BN * 128 + (kk % 4) * 32, 16, 1024);
+            Wgmma<BN, T>::ss(s, da, db, kk > 0);
+        }
+        wgmma_commit();
+    };
+    float o[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+    u32 p[BN / 16][4];
+    // O += P V: BN/16 k-steps of m64nDk16, P from registers, V MN-major (keys are K).
+    auto issue_pv = [&](int tile) {
+        const unsigned char* vt = sV + (tile % STAGES) * TILE_KV;
+        wgmma_fence();
+#pragma unroll
+        for (int kc = 0; kc < BN / 16; ++kc)
+            Wgmma<D, T>::template rs<1>(o, p[kc], sw128_desc(vt + kc * 16 * 128, BN * 128, 1024), 1);
+        wgmma_commit();
+    };
+
+    const int row0 = m0 + wg * 64 + warp * 16 + g, row1 = row0 + 8;
+    float l0 = 0.f, l1 = 0.f;
+    // P = exp2(S c + bias - shift) in place, masked keys 0; `check` only on tiles that need
+    // per-key tests. Called with a literal `check` in two branches so each inlined copy is
+    // specialised.
+    auto exp_tile = [&](float (&s)[BN / 2], int n0, bool check) {
+#pragma unroll
+        for (int i = 0; i < BN / 2; ++i) {
+            const int row = (i & 2) ? row1 : row0;
+            const int col = n0 + (i / 4) * 8 + 2 * t + (i & 1);
+            const float off = bias ? bview.log2_at(bi, hi, min(row, I - 1), min(col, J - 1)) - c_shift : -c_shift;
+            float x = fmaf(s[i], c_scale, off);
+            if (check && !key_visible(mask_b, row, col, I, J, causal)) x = -INFINITY;
+            s[i] = fast_exp2(x);
+        }
+    };
+    auto softmax_exp = [&](float (&s)[BN / 2], int tile) {
+        const int n0 = tile * BN;
+        if ((causal && n0 + BN - 1 > m0 + (J - I)) || (n0 + BN > J) || mask_b != nullptr)
+            exp_tile(s, n0, true);
+        else
+            exp_tile(s, n0, false);
+    };
+    // Row sums and the P fragments (A operand of PV) from the probabilities.
+    auto to_p = [&](const float (&s)[BN / 2]) {
+#pragma unroll
+        for (int kc = 0; kc < BN / 16; ++kc) {
+            const float* e = s + 8 * kc;
+            l0 += (e[0] + e[1]) + (e[4] + e[5]);
+            l1 += (e[2] + e[3]) + (e[6] + e[7]);
+            p[kc][0] = Pack<T>::from_floats(e[0], e[1]);
+            p[kc][1] = Pack<T>::from_floats(e[2], e[3]);
+            p[kc][2] = Pack<T>::from_floats(e[4], e[5]);
+            p[kc][3] = Pack<T>::from_floats(e[6], e[7]);
+        }
+    };
+
+    load_tile_sw128<BM, D, THREADS>(reinterpret_cast<T*>(sQ), qb, I - m0);
+    if (n_tiles > 0) load_k(0);
+    if (n_tiles > 1) load_k(1);
+    if (n_tiles > 0) load_v(0);
+    cp_async_commit();
+    cp_async_wait<0>();
+    fence_async_smem();
+    __syncthreads();
+    pin(o);   // the zeroing of O must not sink past the first wgmma issue (C7515)
+    if (n_tiles > 0) {
+        float s[BN / 2];
+        issue_qk(s, 0);
+        wgmma_wait<0>();
+        pin(s);
+        softmax_exp(s, 0);
+        to_p(s);
+    }
+    // Key tile t: S(t+1) and O += P(t) V(t) issued together; the exponentials of S(t+1) run while
+    // the tensor cores do P(t) V(t). Straight-line between issue and wait, so ptxas can see
+    // which accumulators are complete (else it serialises the wgmmas: C7514/C7515).
+    for (int tile = 0; tile < n_tiles; ++tile) {
+        // Copies of K(tile+1), V(tile) have landed and every warpgroup has finished the
+        // previous tile (its wgmmas included), so K(tile), V(tile-1) buffers may be refilled.
+        cp_async_wait<0>();
+        fence_async_smem();
+        __syncthreads();
+        if (tile + 2 < n_tiles) load_k(tile + 2);
+        if (tile + 1 < n_tiles) load_v(tile + 1);
+        cp_async_commit();
+        if (tile + 1 < n_tiles) {
+            float s[BN / 2];
+            issue_qk(s, tile + 1);
+            issue_pv(tile);
+            wgmma_wait<1>();
+            pin(s);
+            softmax_exp(s, tile + 1);
+            wgmma_wait<0>();
+            pin(p);
+            pin(o);
+            to_p(s);
+        } else {
+            issue_pv(tile);
+            wgmma_wait<0>();
+            pin(o);
+        }
+    }
+
+    l0 = quad_sum(l0);
+    l1 = quad_sum(l1);
+    const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
+    T* ob = out + (long long)bh * I * D;
+#pragma unroll
+    for (int db = 0; db < D / 8; ++db) {
+        store_out_pair(ob, row0, I, D, db * 8 + 2 * t, o[db * 4 + 0] * inv0, o[db * 4 + 1] * inv0);
+        store_out_pair(ob, row1, I, D, db * 8 + 2 * t, o[db * 4 + 2] * inv1, o[db * 4 + 3] * inv1);
+    }
+    if (t == 0) {
+        store_lse(lse + (long long)bh * I, row0, I, l0, c_shift);
+        store_lse(lse + (long long)bh * I, row1, I, l1, c_shift);
+    }
+}

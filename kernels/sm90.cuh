@@ -1,0 +1,82 @@
+// Hopper (sm_90a) tile helpers: 128-byte-swizzled shared-memory tiles filled by cp.async, the
+// wgmma matrix descriptors that read them, and the ordering fences wgmma needs.
+//
+// Tile layout ("sw128"): a ROWS x D tile of 16-bit elements is stored as D/64 column slabs of
+// ROWS x 128 bytes; in each slab, row r's 16-byte chunk c sits at chunk position c ^ (r % 8).
+// That is the canonical 128B-swizzle layout for both K-major operands (rows = M or N, columns =
+// K) and MN-major ones (rows = K, columns = N): one layout serves QK^T (K as B, K-major) and PV
+// (V as B, MN-major) without any transpose. Slabs must start on 1024-byte boundaries.
+#pragma once
+#include "wgmma_ops.cuh"
+
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#error "the sm_90a kernels need -arch=sm_90a (wgmma)"
+#endif
+
+namespace cattn {
+
+// Byte offset of element (r, c) in a sw128 tile with ROWS rows.
+template <int ROWS>
+__device__ __forceinline__ int sw128_offset(int r, int c) {
+    return (c / 64) * ROWS * 128 + r * 128 + ((((c % 64) / 8) ^ (r % 8)) * 16) + (c % 8) * 2;
+}
+
+// Load a ROWS x D tile of a row-major (n, D) matrix into a sw128 tile, zero-filling rows
+// >= n_valid. Consecutive threads take consecutive 16-byte chunks of a row (coalesced).
+template <int ROWS, int D, int THREADS, typename T>
+__device__ __forceinline__ void load_tile_sw128(T* smem, const T* gmem, int n_valid) {
+    constexpr int CHUNKS = D / 8;
+    unsigned char* base = reinterpret_cast<unsigned char*>(smem);
+#pragma unroll
+    for (int c = threadIdx.x % THREADS; c < ROWS * CHUNKS; c += THREADS) {
+        const int r = c / CHUNKS, col = (c % CHUNKS) * 8;
+        const bool ok = r < n_valid;
+        cp_async_16(base + sw128_offset<ROWS>(r, col), ok ? gmem + (long long)r * D + col : gmem,
+                    ok ? 16 : 0);
+    }
+}
+
+// wgmma shared-memory matrix descriptor, 128-byte swizzle. For K-major operands `lbo` is unused
+// and `sbo` is the stride between 8-row groups (1024 in a sw128 tile); for MN-major ones `lbo` is
+// the stride between 64-element column slabs and `sbo` the stride between 8-row groups of K.
+__device__ __forceinline__ unsigned long long sw128_desc(const void* smem, int lbo, int sbo) {
+    const unsigned long long addr = smem_addr(smem);
+    return ((addr & 0x3FFFF) >> 4) | ((unsigned long long)((lbo >> 4) & 0x3FFF) << 16) |
+           ((unsigned long long)((sbo >> 4) & 0x3FFF) << 32) | (1ull << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(N) : "memory");
+}
+// Shared memory written through the generic proxy (cp.async, st.shared) and read next by wgmma
+// (async proxy) needs this fence in the writing threads before the barrier.
+__device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// Bulk reduce-add of `bytes` (multiple of 16, both addresses 16-byte aligned) fp32 values from
+// shared to global memory, done by the copy engine; tracked per issuing thread in bulk groups.
+__device__ __forceinline__ void bulk_reduce_add_f32(float* gdst, const float* ssrc, int bytes) {
+    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n"
+                 :: "l"(gdst), "r"(smem_addr(ssrc)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+// The smem sources of this thread's bulk groups may be overwritten after this.
+__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
+__device__ __forceinline__ void bulk_wait() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
+
+// Pin registers at this point of the program: the compiler may not move their uses across it.
+// wgmma reads and writes registers asynchronously, so after a wgmma_wait the accumulators (and
+// the A fragments still read by an earlier wgmma) are pinned before ordinary code touches them.
+template <int N> __device__ __forceinline__ void pin(float (&r)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i]) :: "memory");
+}
+template <int N> __device__ __forceinline__ void pin(u32 (&r)[N][4]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(r[i][e]) :: "memory");
+}
+
+}  // namespace cattn
