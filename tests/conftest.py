@@ -73,14 +73,15 @@ def ref_attention(q, k, v, mask=None, attn_bias=None, scale=8.0, groups=1, causa
             s = s + bias[:, None]
         else:
             s = s + bias[None]
-    visible = torch.ones(b, 1, i, j, dtype=torch.bool)
+    dev = q.device                 # CPU here; the GPU tests pass CUDA tensors
+    visible = torch.ones(b, 1, i, j, dtype=torch.bool, device=dev)
     if causal:
-        rows = torch.arange(i)[:, None]
-        cols = torch.arange(j)[None, :]
+        rows = torch.arange(i, device=dev)[:, None]
+        cols = torch.arange(j, device=dev)[None, :]
         visible = visible & (cols <= rows + (j - i))
     if mask is not None:
         visible = visible & torch.as_tensor(np.asarray(mask) if isinstance(mask, np.ndarray)
-                                            else mask)[:, None, None, :]
+                                            else mask).to(dev)[:, None, None, :]
     if _parts is not None:     # for ref_grads' cancellation floor: logits before masking
         _parts.update(s=s, v=v, merged=merged)
     s = s.masked_fill(~visible, -math.inf)
@@ -259,3 +260,41 @@ FEATURES = [
     ("groups8_scale16", dict(d=32), dict(groups=8, scale=16)),
 ]
 FEATURE_IDS = [f[0] for f in FEATURES]
+
+
+# ----------------------------------------------------------------------------------------------
+# Property tests: one random problem (shape, features, dtype, framework) for forward and backward
+# ----------------------------------------------------------------------------------------------
+
+def draw_problem(draw, long_max):
+    """(case_kw for make_case, call options, prenorm) drawn for a hypothesis property test;
+    lengths are short (1..40) or long (200..long_max). prenorm: without l2norm_qk the caller
+    usually passes normalised q, k; sometimes raw ones (logits of +-70: a near one-hot softmax)."""
+    from hypothesis import strategies as st
+    layout = draw(st.sampled_from(LAYOUTS))
+    framework = draw(st.sampled_from(["torch", "numpy"]))
+    dtypes = ["float16", "float32", "float64"] + (["bfloat16"] if framework == "torch" else [])
+    dtype = draw(st.sampled_from(dtypes))
+    b = draw(st.integers(1, 2))
+    h = draw(st.sampled_from([1, 2, 4]))
+    hk = draw(st.sampled_from([x for x in (1, 2, 4) if h % x == 0]))
+    length = st.one_of(st.integers(1, 40), st.integers(200, long_max))
+    i, j = draw(length), draw(length)
+    d = draw(st.sampled_from([8, 16, 24, 64]))
+    groups = draw(st.sampled_from([g for g in (1, 2, 4, 8) if d % g == 0]))
+    bias = draw(st.sampled_from([None, "heads", "batch", "full"]))
+    case_kw = dict(layout=layout, b=b, h=h, hk=hk, i=i, j=j, d=d, dtype=dtype,
+                   framework=framework, mask=draw(st.booleans()), bias=bias)
+    kw = dict(causal=draw(st.booleans()), groups=groups,
+              l2norm_qk=draw(st.booleans()), scale=draw(st.sampled_from([1.0, 8, 16.0])))
+    prenorm = not kw["l2norm_qk"] and draw(st.booleans())
+    return case_kw, kw, prenorm
+
+
+def prenormalise(case, groups):
+    """q, k normalised by the test's own float64 code, then rounded back to their dtype."""
+    for name in ("q", "k"):
+        x = case[name]
+        y = grouped_l2norm_ref(to_f64(x), groups)
+        case[name] = (y.numpy().astype(x.dtype) if isinstance(x, np.ndarray)
+                      else y.to(x.dtype))

@@ -35,53 +35,46 @@ def assert_close(x, ref, dtype_name, what="output"):
 
 def truth(q, k, v, mask=None, bias=None, scale=8.0, groups=1, causal=False, l2norm_qk=True,
           bias_batch_dim=False):
-    """Float64 attention straight from the definition, differentiable (torch autograd).
+    """Float64 (out, lse) from the definition, differentiable (torch autograd), on q's device:
+    conftest.ref_attention under the GPU tests' argument names."""
+    from conftest import ref_attention
+    return ref_attention(q, k, v, mask, bias, scale, groups, causal, l2norm_qk, bias_batch_dim)
 
-    q (b, h, i, d) or (B, i, d); k, v (b, hk, j, d), (b, j, d) or (B, j, d); any float dtype.
-    """
-    merged = q.dim() == 3
-    q, k, v = (t.to(torch.float64) for t in (q, k, v))
-    if merged:
-        q, k, v = q[:, None], k[:, None], v[:, None]
-    elif k.dim() == 3:
-        k, v = k[:, None], v[:, None]
+
+def sdpa_same_problem(q, k, v, mask=None, bias=None, scale=8.0, groups=1, causal=False,
+                      bias_batch_dim=False):
+    """torch SDPA on the problem the kernels solve, in the inputs' dtype: q, k l2-normalised by
+    the package, k/v heads repeated for GQA, mask/causal/bias as one additive mask; rows that see
+    no key give 0. Differentiable: the baseline the GPU tests' tolerances are set against."""
+    import torch.nn.functional as F
+    import cupy_cosine_attn as ca
     b, h, i, d = q.shape
     hk, j = k.shape[1], k.shape[2]
-
-    def norm(x):
-        xg = x.reshape(*x.shape[:-1], groups, d // groups)
-        n = xg.norm(dim=-1, keepdim=True)
-        r = torch.where(n > 1e-12, 1.0 / n.clamp_min(1e-12), torch.zeros_like(n))
-        return (xg * r).reshape(x.shape)
-
-    if l2norm_qk:
-        q, k = norm(q), norm(k)
-    rep = h // hk
-    k = k.repeat_interleave(rep, dim=1)
-    v = v.repeat_interleave(rep, dim=1)
-    s = scale * q @ k.transpose(-1, -2)
-    if bias is not None:
-        bias = bias.to(torch.float64)
-        if bias.dim() == 4:
-            s = s + bias
-        elif merged or bias_batch_dim:
-            s = s + bias[:, None]
-        else:
-            s = s + bias[None]
-    visible = torch.ones(b, 1, i, j, dtype=torch.bool, device=q.device)
+    qn, kn = ca.l2norm_tensors(q, k, groups=groups)
+    kn = kn.repeat_interleave(h // hk, 1)
+    vv = v.repeat_interleave(h // hk, 1)
+    vis = torch.ones(b, 1, i, j, dtype=torch.bool, device=q.device)
     if causal:
-        r = torch.arange(i, device=q.device)[:, None]
-        c = torch.arange(j, device=q.device)[None, :]
-        visible = visible & (c <= r + (j - i))
+        vis &= torch.ones(i, j, dtype=torch.bool, device=q.device).tril(j - i)
     if mask is not None:
-        visible = visible & mask.to(q.device)[:, None, None, :]
-    s = s.masked_fill(~visible, -math.inf)
-    m = s.amax(-1, keepdim=True).detach()
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    e = torch.exp(s - m)
-    den = e.sum(-1, keepdim=True)
-    out = (e / torch.where(den > 0, den, torch.ones_like(den))) @ v
-    lse = torch.where(den > 0, den.log() + m, torch.full_like(den, -math.inf))[..., 0]
-    if merged:
-        out, lse = out[:, 0], lse[:, 0]
-    return out, lse
+        vis &= mask[:, None, None, :]
+    add = torch.zeros(b, 1, i, j, dtype=q.dtype, device=q.device)
+    if bias is not None:
+        add = add + (bias if bias.dim() == 4 else bias[:, None] if bias_batch_dim else bias[None])
+    add = add.masked_fill(~vis, float("-inf"))
+    out = F.scaled_dot_product_attention(qn, kn, vv, attn_mask=add, scale=scale)
+    rows = vis.any(-1, keepdim=True).expand(b, h, i, 1)
+    return torch.where(rows, out, torch.zeros_like(out))
+
+
+class ForeignDLPack:
+    """An array of some other library: nothing but the DLPack protocol around `a`."""
+
+    def __init__(self, a):
+        self._a = a
+
+    def __dlpack__(self, **kwargs):
+        return self._a.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return self._a.__dlpack_device__()

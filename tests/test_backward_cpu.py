@@ -7,9 +7,8 @@ import torch
 from hypothesis import given, strategies as st
 
 import cupy_cosine_attn as ca
-from conftest import (FEATURE_IDS, FEATURES, LAYOUTS, grouped_l2norm_ref, make_case, randn,
-                      ref_attention, ref_grads,
-                      to_f64)
+from conftest import (FEATURE_IDS, FEATURES, LAYOUTS, draw_problem, make_case, prenormalise, randn,
+                      ref_attention, ref_grads, to_f64)
 from tolerances import assert_close, assert_grad_close, rel_err
 
 KW = ("mask", "attn_bias", "attn_bias_batch_dim")
@@ -293,26 +292,9 @@ def test_gradcheck_float64(name, layout, case_kw, kw):
 
 @st.composite
 def problems(draw):
-    layout = draw(st.sampled_from(LAYOUTS))
-    framework = draw(st.sampled_from(["torch", "numpy"]))
-    dtypes = ["float16", "float32", "float64"] + (["bfloat16"] if framework == "torch" else [])
-    dtype = draw(st.sampled_from(dtypes))
-    h = draw(st.sampled_from([1, 2, 4]))
-    hk = draw(st.sampled_from([x for x in (1, 2, 4) if h % x == 0]))
-    length = st.one_of(st.integers(1, 40), st.integers(200, 600))
-    d = draw(st.sampled_from([8, 16, 24, 64]))
-    case_kw = dict(layout=layout, b=draw(st.integers(1, 2)), h=h, hk=hk, i=draw(length),
-                   j=draw(length), d=d, dtype=dtype, framework=framework,
-                   mask=draw(st.booleans()),
-                   bias=draw(st.sampled_from([None, "heads", "batch", "full"])))
-    kw = dict(causal=draw(st.booleans()),
-              groups=draw(st.sampled_from([g for g in (1, 2, 4, 8) if d % g == 0])),
-              l2norm_qk=draw(st.booleans()), scale=draw(st.sampled_from([1.0, 8, 16.0])))
-    # Without l2norm_qk, q and k are either caller-normalised or raw (logits of +-70: a near
-    # one-hot softmax, the case the gradient floor in tolerances.py is for).
-    prenorm = not kw["l2norm_qk"] and draw(st.booleans())
-    api = "functional" if framework == "numpy" else draw(st.sampled_from(["autograd",
-                                                                          "functional"]))
+    case_kw, kw, prenorm = draw_problem(draw, long_max=600)
+    api = "functional" if case_kw["framework"] == "numpy" else draw(st.sampled_from(["autograd",
+                                                                                     "functional"]))
     return draw(st.integers(0, 2 ** 20)), case_kw, kw, prenorm, api
 
 
@@ -321,8 +303,5 @@ def test_property_backward(p):
     seed, case_kw, kw, prenorm, api = p
     case = make_case(seed, **case_kw)
     if prenorm:
-        for n in ("q", "k"):
-            x = case[n]
-            y = grouped_l2norm_ref(to_f64(x), kw["groups"])
-            case[n] = y.numpy().astype(x.dtype) if isinstance(x, np.ndarray) else y.to(x.dtype)
+        prenormalise(case, kw["groups"])
     check_backward(case, kw, case_kw["dtype"], case_kw["framework"], api, dout_seed=seed + 7)

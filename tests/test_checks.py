@@ -119,22 +119,20 @@ def _ids(cases):
     return [c[0] for c in cases]
 
 
-@pytest.mark.parametrize("fw", ["torch", "numpy"])
-@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
-@pytest.mark.parametrize("idx", range(len(input_cases("numpy"))), ids=_ids(input_cases("numpy")))
-def test_input_errors(fw, entry, idx):
-    name, args, exc, pattern = input_cases(fw)[idx]
-    with pytest.raises(exc, match=pattern):
-        ENTRY_POINTS[entry](*args)
+def error_cases(fw):
+    """(name, positional args, keyword args, exception, message pattern): bad arrays, then bad
+    options on good arrays."""
+    return ([(name, args, {}, exc, pat) for name, args, exc, pat in input_cases(fw)]
+            + [(name, qkv(fw), kw, exc, pat) for name, kw, exc, pat in option_cases(fw)])
 
 
 @pytest.mark.parametrize("fw", ["torch", "numpy"])
 @pytest.mark.parametrize("entry", list(ENTRY_POINTS))
-@pytest.mark.parametrize("idx", range(len(option_cases("numpy"))), ids=_ids(option_cases("numpy")))
-def test_option_errors(fw, entry, idx):
-    name, kw, exc, pattern = option_cases(fw)[idx]
+@pytest.mark.parametrize("idx", range(len(error_cases("numpy"))), ids=_ids(error_cases("numpy")))
+def test_argument_errors(fw, entry, idx):
+    name, args, kw, exc, pattern = error_cases(fw)[idx]
     with pytest.raises(exc, match=pattern):
-        ENTRY_POINTS[entry](*qkv(fw), **kw)
+        ENTRY_POINTS[entry](*args, **kw)
 
 
 @pytest.mark.parametrize("name,make,match", [
@@ -210,39 +208,29 @@ def test_l2norm_tensors_checks(fw):
         ca.l2norm_tensors()
 
 
-class _ForeignArray:
-    """An array of some other library: only the DLPack protocol, on the CPU."""
-
-    def __init__(self, a):
-        self._a = a
-
-    def __dlpack__(self, **kwargs):
-        return self._a.__dlpack__(**kwargs)
-
-    def __dlpack_device__(self):
-        return self._a.__dlpack_device__()
-
 
 def test_any_dlpack_array_is_taken_in():
     import numpy as np
+    from helpers import ForeignDLPack
     import cupy_cosine_attn as ca
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((1, 2, 9, 16)).astype(np.float32) for _ in range(3))
     ref_out, ref_lse = ca.forward(q, k, v, causal=True)
-    out, lse = ca.forward(_ForeignArray(q), _ForeignArray(k), _ForeignArray(v), causal=True)
+    out, lse = ca.forward(ForeignDLPack(q), ForeignDLPack(k), ForeignDLPack(v), causal=True)
     assert isinstance(out, np.ndarray) and np.array_equal(out, ref_out) and np.array_equal(lse, ref_lse)
-    out2 = ca.flash_cosine_sim_attention(_ForeignArray(q), k, v, causal=True)
+    out2 = ca.flash_cosine_sim_attention(ForeignDLPack(q), k, v, causal=True)
     assert np.array_equal(out2, ref_out)
     dout = rng.standard_normal(q.shape).astype(np.float32)
-    grads = ca.backward(_ForeignArray(dout), q, k, v, _ForeignArray(out), lse, causal=True)
+    grads = ca.backward(ForeignDLPack(dout), q, k, v, ForeignDLPack(out), lse, causal=True)
     assert all(np.array_equal(a, b) for a, b in zip(grads[:3], ca.backward(dout, q, k, v, out, lse, causal=True)[:3]))
 
 
 def test_dlpack_array_on_an_unsupported_device_is_a_clear_error():
     import numpy as np
+    from helpers import ForeignDLPack
     import cupy_cosine_attn as ca
 
-    class OnSomeAccelerator(_ForeignArray):
+    class OnSomeAccelerator(ForeignDLPack):
         def __dlpack_device__(self):
             return (7, 0)                   # kDLVulkan
     q = np.zeros((1, 1, 4, 16), np.float32)

@@ -6,9 +6,9 @@ import torch
 from hypothesis import given, strategies as st
 
 import cupy_cosine_attn as ca
-from conftest import (FEATURE_IDS, FEATURES, LAYOUTS, assert_lse_close, grouped_l2norm_ref,
-                      make_case, rand_mask,
-                      randn, ref_attention, to_f64)
+from conftest import (FEATURE_IDS, FEATURES, LAYOUTS, assert_lse_close, draw_problem,
+                      grouped_l2norm_ref, make_case, prenormalise, rand_mask, randn, ref_attention,
+                      to_f64)
 from tolerances import assert_close
 
 KW = ("mask", "attn_bias", "attn_bias_batch_dim")
@@ -228,36 +228,10 @@ def test_l2norm_tensors(framework, groups):
 
 @st.composite
 def problems(draw):
-    layout = draw(st.sampled_from(LAYOUTS))
-    framework = draw(st.sampled_from(["torch", "numpy"]))
-    dtypes = ["float16", "float32", "float64"] + (["bfloat16"] if framework == "torch" else [])
-    dtype = draw(st.sampled_from(dtypes))
-    b = draw(st.integers(1, 2))
-    h = draw(st.sampled_from([1, 2, 4]))
-    hk = draw(st.sampled_from([x for x in (1, 2, 4) if h % x == 0]))
-    length = st.one_of(st.integers(1, 40), st.integers(200, 700))
-    i, j = draw(length), draw(length)
-    d = draw(st.sampled_from([8, 16, 24, 64]))
-    groups = draw(st.sampled_from([g for g in (1, 2, 4, 8) if d % g == 0]))
-    bias = draw(st.sampled_from([None, "heads", "batch", "full"]))
-    case_kw = dict(layout=layout, b=b, h=h, hk=hk, i=i, j=j, d=d, dtype=dtype,
-                   framework=framework, mask=draw(st.booleans()), bias=bias)
-    kw = dict(causal=draw(st.booleans()), groups=groups,
-              l2norm_qk=draw(st.booleans()), scale=draw(st.sampled_from([1.0, 8, 16.0])))
-    # Without l2norm_qk the caller usually passes normalised q, k; sometimes raw ones.
-    prenorm = not kw["l2norm_qk"] and draw(st.booleans())
+    case_kw, kw, prenorm = draw_problem(draw, long_max=700)
     api = draw(st.sampled_from(["functional", "flash"]))
     seed = draw(st.integers(0, 2 ** 20))
     return seed, case_kw, kw, prenorm, api
-
-
-def prenormalise(case, groups):
-    """q, k normalised by the test's own float64 code, then rounded back to their dtype."""
-    for name in ("q", "k"):
-        x = case[name]
-        y = grouped_l2norm_ref(to_f64(x), groups)
-        case[name] = (y.numpy().astype(x.dtype) if isinstance(x, np.ndarray)
-                      else y.to(x.dtype))
 
 
 @given(problems())

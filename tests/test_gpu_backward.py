@@ -13,10 +13,9 @@ pytestmark = pytest.mark.gpu
 require_gpu()
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 import cupy_cosine_attn as ca  # noqa: E402
-from helpers import rel_err, truth  # noqa: E402
+from helpers import rel_err, sdpa_same_problem, truth  # noqa: E402
 
 DEV = "cuda"
 os.environ["CUPY_COSINE_ATTN_POISON"] = "1"
@@ -25,28 +24,11 @@ FLOOR = {"float16": 3e-3, "bfloat16": 2e-2}
 
 
 def sdpa_grads(q, k, v, mask, bias, scale, groups, causal, bbd, dout):
-    """Gradients of torch SDPA on the same problem in the same dtype (None where unsupported)."""
-    b, h, i, d = q.shape
-    hk, j = k.shape[1], k.shape[2]
+    """Gradients of torch SDPA on the same problem in the same dtype."""
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     lb = bias.detach().clone().requires_grad_() if bias is not None else None
-    qn, kn = ca.l2norm_tensors(leaves[0], leaves[1], groups=groups)
-    kn = kn.repeat_interleave(h // hk, 1)
-    vv = leaves[2].repeat_interleave(h // hk, 1)
-    vis = torch.ones(b, 1, i, j, dtype=torch.bool, device=q.device)
-    if causal:
-        vis &= torch.ones(i, j, dtype=torch.bool, device=q.device).tril(j - i)
-    if mask is not None:
-        vis &= mask[:, None, None, :]
-    add = torch.zeros(b, 1, i, j, dtype=q.dtype, device=q.device)
-    if lb is not None:
-        add = add + (lb if lb.dim() == 4 else lb[:, None] if bbd else lb[None])
-    add = add.masked_fill(~vis, float("-inf"))
-    out = F.scaled_dot_product_attention(qn, kn, vv, attn_mask=add, scale=scale)
-    rows = vis.any(-1, keepdim=True).expand(b, h, i, 1)
-    out = torch.where(rows, out, torch.zeros_like(out))
-    ins = leaves + ([lb] if lb is not None else [])
-    return torch.autograd.grad(out, ins, dout)
+    out = sdpa_same_problem(*leaves, mask, lb, scale, groups, causal, bbd)
+    return torch.autograd.grad(out, leaves + ([lb] if lb is not None else []), dout)
 
 
 CASES = [

@@ -14,10 +14,9 @@ pytestmark = pytest.mark.gpu
 require_gpu()
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 import cupy_cosine_attn as ca  # noqa: E402
-from helpers import rel_err, truth  # noqa: E402
+from helpers import ForeignDLPack, rel_err, sdpa_same_problem, truth  # noqa: E402
 
 DEV = "cuda"
 os.environ["CUPY_COSINE_ATTN_POISON"] = "1"
@@ -27,24 +26,7 @@ FLOOR = {"float16": 1e-3, "bfloat16": 8e-3}
 
 def sdpa_error(q, k, v, ref, mask, bias, scale, groups, causal, bbd):
     """Relative error of torch SDPA on the same problem in the same dtype (rows that see keys)."""
-    b, h, i, d = q.shape
-    hk, j = k.shape[1], k.shape[2]
-    qn, kn = ca.l2norm_tensors(q, k, groups=groups)
-    kn = kn.repeat_interleave(h // hk, 1)
-    vv = v.repeat_interleave(h // hk, 1)
-    vis = torch.ones(b, 1, i, j, dtype=torch.bool, device=q.device)
-    if causal:
-        vis &= torch.ones(i, j, dtype=torch.bool, device=q.device).tril(j - i)
-    if mask is not None:
-        vis &= mask[:, None, None, :]
-    add = torch.zeros(b, 1, i, j, dtype=q.dtype, device=q.device)
-    if bias is not None:
-        add = add + (bias if bias.dim() == 4 else bias[:, None] if bbd else bias[None])
-    add = add.masked_fill(~vis, float("-inf"))
-    rows = vis.any(-1, keepdim=True).expand(b, h, i, 1)
-    out = F.scaled_dot_product_attention(qn, kn, vv, attn_mask=add, scale=scale)
-    out = torch.where(rows, out, torch.zeros_like(out))
-    return rel_err(out, ref)
+    return rel_err(sdpa_same_problem(q, k, v, mask, bias, scale, groups, causal, bbd), ref)
 
 
 CASES = [
@@ -195,19 +177,9 @@ def test_foreign_dlpack_cuda_arrays_come_back_as_cupy():
     """Arrays of any library that speaks DLPack on a CUDA device run on the GPU kernels."""
     import cupy
 
-    class Foreign:
-        def __init__(self, t):
-            self._t = t
-
-        def __dlpack__(self, **kwargs):
-            return self._t.__dlpack__(**kwargs)
-
-        def __dlpack_device__(self):
-            return self._t.__dlpack_device__()
-
     g = torch.Generator(device=DEV).manual_seed(3)
     q, k, v = (torch.randn(1, 2, 70, 64, device=DEV, generator=g, dtype=torch.float16) for _ in range(3))
-    out, lse = ca.forward(Foreign(q), Foreign(k), Foreign(v), causal=True)
+    out, lse = ca.forward(ForeignDLPack(q), ForeignDLPack(k), ForeignDLPack(v), causal=True)
     assert isinstance(out, cupy.ndarray) and isinstance(lse, cupy.ndarray)
     ref, _ = ca.forward(q, k, v, causal=True)
     assert torch.equal(torch.from_dlpack(out), ref)
