@@ -107,7 +107,7 @@ def truth(dtype, q, k, v, mask, bias, causal, scale):
     return o, lse
 
 
-def run(kind, dtype, q, k, v, mask, bias, causal, scale, bn=None, wgs=2):
+def run(kind, dtype, q, k, v, mask, bias, causal, scale, bn=None, wgs=2, qreg=None):
     b, h, i, d = q.shape
     hk, j = k.shape[1], k.shape[2]
     out = cp.full(q.shape, cp.nan, dtype=cp.float16) if dtype == "float16" else cp.full(q.shape, -1, dtype=cp.int16)
@@ -128,7 +128,7 @@ def run(kind, dtype, q, k, v, mask, bias, causal, scale, bn=None, wgs=2):
             np.int32(causal), np.float32(scale * math.log2(math.e)), np.float32(shift * math.log2(math.e)))
     ct = CTYPE[dtype]
     if kind == "sm90":
-        hopper_launch.launch(ct, d, args, b, h, i, bn=bn, wgs=wgs)
+        hopper_launch.launch(ct, d, args, b, h, i, bn=bn, wgs=wgs, qreg=qreg)
     else:
         dp = padded_dim(dtype, d)
         fn = get_function(KernelSpec("cosine_fwd.cu", f"attn_fwd_mma<{dp}, {ct}, false, 4>"))
@@ -159,14 +159,14 @@ CASES = [  # b, h, hk, i, j, causal, masked, biased
 ]
 
 
-def correctness(dtype, d, bn, results):
+def correctness(dtype, d, bn, results, qreg=None):
     ok = True
     for ci, (b, h, hk, i, j, causal, masked, biased) in enumerate(CASES):
         q, k, v, mask, bias = make_case(dtype, b, h, hk, i, j, d, causal, masked, biased, 100 + ci)
         if dtype == "float16" and bias is not None:
             continue   # fixed-shift window too narrow for fp16 with this bias; the suite covers it
         o_ref, lse_ref = truth(dtype, q, k, v, mask, bias, causal, 8.0)
-        o90, l90 = run("sm90", dtype, q, k, v, mask, bias, causal, 8.0, bn, WGS_UNDER_TEST[0])
+        o90, l90 = run("sm90", dtype, q, k, v, mask, bias, causal, 8.0, bn, WGS_UNDER_TEST[0], qreg)
         o80, l80 = run("sm80", dtype, q, k, v, mask, bias, causal, 8.0)
         cp.cuda.Device().synchronize()
         o90_64, o80_64 = to64(o90, dtype), to64(o80, dtype)
@@ -175,9 +175,9 @@ def correctness(dtype, d, bn, results):
         el90, el80 = rel(l90.astype(cp.float64), lse_ref), rel(l80.astype(cp.float64), lse_ref)
         good = (not nan90) and e90 <= max(1.5 * e80, 2e-3) and el90 <= max(1.5 * el80, 1e-5)
         ok &= good
-        results.append(dict(dtype=dtype, d=d, bn=bn, case=CASES[ci], err_sm90=e90, err_sm80=e80,
+        results.append(dict(dtype=dtype, d=d, bn=bn, qreg=qreg, case=CASES[ci], err_sm90=e90, err_sm80=e80,
                             lse_err_sm90=el90, lse_err_sm80=el80, nan=nan90, ok=good))
-        log(f"  {dtype} d{d} bn{bn} case{ci} {CASES[ci]}: out err sm90 {e90:.2e} sm80 {e80:.2e} | "
+        log(f"  {dtype} d{d} bn{bn} qreg{qreg} case{ci} {CASES[ci]}: out err sm90 {e90:.2e} sm80 {e80:.2e} | "
             f"lse {el90:.2e} {el80:.2e} nan={nan90} {'OK' if good else 'FAIL'}")
     return ok
 
@@ -199,7 +199,8 @@ def truth_grads(dtype, q, k, v, dout, mask, bias, causal, scale):
     return dq, dk, dv, ds.sum(0, keepdims=True), delta.astype(cp.float32)
 
 
-def run_bwd(kind, dtype, q, k, v, dout, lse, delta, mask, bias, causal, scale, bulk=True, wgs=None):
+def run_bwd(kind, dtype, q, k, v, dout, lse, delta, mask, bias, causal, scale, bulk=True, wgs=None,
+            pipe=None):
     b, h, i, d = q.shape
     hk, j = k.shape[1], k.shape[2]
     dq = cp.zeros((b, h, i, d), dtype=cp.float32)
@@ -214,7 +215,7 @@ def run_bwd(kind, dtype, q, k, v, dout, lse, delta, mask, bias, causal, scale, b
             np.int32(causal), np.float32(scale), np.float32(scale * math.log2(math.e)))
     ct = CTYPE[dtype]
     if kind == "sm90":
-        hopper_launch.launch_backward(ct, d, args, b, hk, j, bulk=bulk, wgs=wgs)
+        hopper_launch.launch_backward(ct, d, args, b, hk, j, bulk=bulk, wgs=wgs, pipe=pipe)
     else:
         dp = padded_dim(dtype, d)
         fn = get_function(KernelSpec("cosine_bwd.cu", f"attn_bwd_kv_mma<{dp}, {ct}, true>"))
@@ -236,6 +237,7 @@ def bwd_correctness(dtype, d, results):
         g90 = run_bwd("sm90", dtype, q, k, v, dout, lse, delta, mask, bias, causal, 8.0)
         g90a = run_bwd("sm90", dtype, q, k, v, dout, lse, delta, mask, bias, causal, 8.0, bulk=False)
         g90w = run_bwd("sm90", dtype, q, k, v, dout, lse, delta, mask, bias, causal, 8.0, wgs=2)
+        g90s = run_bwd("sm90", dtype, q, k, v, dout, lse, delta, mask, bias, causal, 8.0, pipe=False)
         g80 = run_bwd("sm80", dtype, q, k, v, dout, lse, delta, mask, bias, causal, 8.0)
         cp.cuda.Device().synchronize()
         errs = {}
@@ -243,7 +245,9 @@ def bwd_correctness(dtype, d, results):
         for name, t, a90, a80 in (("dq", tdq, g90[0], g80[0]), ("dk", tdk, g90[1], g80[1]),
                                   ("dv", tdv, to64(g90[2], dtype), to64(g80[2], dtype)),
                                   ("db", tdb, g90[3], g80[3]), ("dq_atomic", tdq, g90a[0], g80[0]),
-                                  ("dq_w2", tdq, g90w[0], g80[0]), ("dk_w2", tdk, g90w[1], g80[1])):
+                                  ("dq_w2", tdq, g90w[0], g80[0]), ("dk_w2", tdk, g90w[1], g80[1]),
+                                  ("dq_serial", tdq, g90s[0], g80[0]), ("dk_serial", tdk, g90s[1], g80[1]),
+                                  ("dv_serial", tdv, to64(g90s[2], dtype), to64(g80[2], dtype))):
             if t is None or a90 is None:
                 continue
             e90, e80 = rel(a90.astype(cp.float64), t), rel(a80.astype(cp.float64), t)
@@ -272,7 +276,7 @@ def timeit(fn, reps=20):
     return min(best) * 1e-3
 
 
-def speed(dtype, d, bns, ns, results, bwd_only=False):
+def speed(dtype, d, bns, ns, results, bwd_only=False, wgss=(1, 2), qregs=(False,), quick=False):
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import sdpa_kernel, SDPBackend
@@ -292,14 +296,19 @@ def speed(dtype, d, bns, ns, results, bwd_only=False):
                 results.append(row)
                 log("  " + " ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
                 continue
-            row["bwd_sm80"] = bflops / timeit(lambda: run_bwd("sm80", dtype, q, k, v, dout, lse, delta, None, None, causal, 8.0), 5) / 1e12
+            if not quick:
+                row["bwd_sm80"] = bflops / timeit(lambda: run_bwd("sm80", dtype, q, k, v, dout, lse, delta, None, None, causal, 8.0), 5) / 1e12
             row["bwd_sm90"] = bflops / timeit(lambda: run_bwd("sm90", dtype, q, k, v, dout, lse, delta, None, None, causal, 8.0), 5) / 1e12
-            row["bwd_sm90_w2"] = bflops / timeit(lambda: run_bwd("sm90", dtype, q, k, v, dout, lse, delta, None, None, causal, 8.0, wgs=2), 5) / 1e12
-            row["bwd_sm90_atomic"] = bflops / timeit(lambda: run_bwd("sm90", dtype, q, k, v, dout, lse, delta, None, None, causal, 8.0, bulk=False), 5) / 1e12
-            row["sm80"] = flops / timeit(lambda: run("sm80", dtype, q, k, v, None, None, causal, 8.0)) / 1e12
-            for bn in bns:
-                for wgs in (1, 2):
-                    row[f"sm90_bn{bn}_w{wgs}"] = flops / timeit(lambda: run("sm90", dtype, q, k, v, None, None, causal, 8.0, bn, wgs)) / 1e12
+            if d == 64:
+                row["bwd_sm90_serial"] = bflops / timeit(lambda: run_bwd("sm90", dtype, q, k, v, dout, lse, delta, None, None, causal, 8.0, pipe=False), 5) / 1e12
+            if not quick:
+                row["bwd_sm90_w2"] = bflops / timeit(lambda: run_bwd("sm90", dtype, q, k, v, dout, lse, delta, None, None, causal, 8.0, wgs=2), 5) / 1e12
+                row["bwd_sm90_atomic"] = bflops / timeit(lambda: run_bwd("sm90", dtype, q, k, v, dout, lse, delta, None, None, causal, 8.0, bulk=False), 5) / 1e12
+                row["sm80"] = flops / timeit(lambda: run("sm80", dtype, q, k, v, None, None, causal, 8.0)) / 1e12
+            for bn in [b or hopper_launch.sm90_bn(d) for b in bns]:
+                for wgs in wgss:
+                    for qr in qregs:
+                        row[f"sm90_bn{bn}_w{wgs}{'_qreg' if qr else ''}"] = flops / timeit(lambda: run("sm90", dtype, q, k, v, None, None, causal, 8.0, bn, wgs, qr)) / 1e12
             tq = torch.from_dlpack(q).view(tdt) if dtype != "float16" else torch.from_dlpack(q)
             tk = torch.from_dlpack(k).view(tdt) if dtype != "float16" else torch.from_dlpack(k)
             tv = torch.from_dlpack(v).view(tdt) if dtype != "float16" else torch.from_dlpack(v)
@@ -326,35 +335,41 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--dims", default="64,128")
-    ap.add_argument("--bns", default="64,128")
+    ap.add_argument("--bns", default="64,128", help="forward key tiles; 0 = the default for d")
     ap.add_argument("--dtypes", default="bfloat16,float16")
     ap.add_argument("--ns", default="2048,8192,16384")
     ap.add_argument("--speed-dtypes", default="bfloat16")
     ap.add_argument("--bwd-only", action="store_true", help="check and time the backward only")
+    ap.add_argument("--wgs", default="1,2", help="forward warpgroups per CTA to check and time")
+    ap.add_argument("--qregs", default="0", help="forward Q-in-registers settings (0,1) to check and time")
+    ap.add_argument("--quick", action="store_true", help="time only the sm90 variants and the peers")
     args = ap.parse_args()
     out = Path(args.out)
     dims = [int(x) for x in args.dims.split(",")]
     bns = [int(x) for x in args.bns.split(",")]
+    wgss = [int(x) for x in args.wgs.split(",")]
+    qregs = [x == "1" for x in args.qregs.split(",")]
     res = dict(correct=[], speed=[], compile=[])
     dev = cp.cuda.runtime.getDeviceProperties(0)
     log("device", dev["name"].decode(), "cc", cp.cuda.Device().compute_capability, "cupy", cp.__version__)
     all_ok = True
     for dtype in args.dtypes.split(","):
         for d in dims:
-            for bn in ([] if args.bwd_only else bns):
+            for bn in ([] if args.bwd_only else [b or hopper_launch.sm90_bn(d) for b in bns]):
                 t0 = time.time()
                 try:
-                    get_function(hopper_launch.forward_spec(CTYPE[dtype], d, bn, 2))
+                    get_function(hopper_launch.forward_spec(CTYPE[dtype], d, bn, wgss[0], qregs[0]))
                 except Exception as ex:  # noqa: BLE001
                     log("COMPILE FAIL", dtype, d, bn, str(ex)[:2000])
                     all_ok = False
                     continue
                 res["compile"].append(dict(dtype=dtype, d=d, bn=bn, seconds=time.time() - t0))
                 log(f"compiled {dtype} d{d} bn{bn} in {time.time() - t0:.1f} s")
-                for wgs in (1, 2):
-                    WGS_UNDER_TEST[0] = wgs
-                    log(f" wgs={wgs}")
-                    all_ok &= correctness(dtype, d, bn, res["correct"])
+                for wgs in wgss:
+                    for qr in qregs:
+                        WGS_UNDER_TEST[0] = wgs
+                        log(f" wgs={wgs} qreg={qr}")
+                        all_ok &= correctness(dtype, d, bn, res["correct"], qr)
             try:
                 all_ok &= bwd_correctness(dtype, d, res["correct"])
             except Exception as ex:  # noqa: BLE001
@@ -366,7 +381,8 @@ def main():
         sys.exit(3)
     for dtype in args.speed_dtypes.split(","):
         for d in dims:
-            speed(dtype, d, bns, [int(x) for x in args.ns.split(",")], res["speed"], args.bwd_only)
+            speed(dtype, d, bns, [int(x) for x in args.ns.split(",")], res["speed"], args.bwd_only,
+                  wgss, qregs, args.quick)
     (out / "sm90_probe.json").write_text(json.dumps(res, indent=1, default=str))
     (out / "sm90_probe.log").write_text("\n".join(LOG) + "\n")
 

@@ -42,10 +42,19 @@ def covers(dtype, d, online):
             and not online and device_is_sm90())
 
 
-def forward_spec(ctype, d, bn=None, wgs=None):
+def sm90_qreg(d):
+    """Q as register A fragments for QK^T (RS form) in the forward, else from smem (SS form)."""
+    env = os.environ.get("CUPY_COSINE_ATTN_SM90_QREG")
+    return env != "0" if env else True
+
+
+def forward_spec(ctype, d, bn=None, wgs=None, qreg=None):
     bn = sm90_bn(d) if bn is None else bn
     wgs = sm90_wgs(d) if wgs is None else wgs
-    return KernelSpec("cosine_fwd_sm90.cu", f"attn_fwd_wgmma<{d}, {ctype}, {bn}, {wgs}>", hopper=True)
+    qreg = sm90_qreg(d) if qreg is None else qreg
+    return KernelSpec("cosine_fwd_sm90.cu",
+                      f"attn_fwd_wgmma<{d}, {ctype}, {bn}, {wgs}, {'true' if qreg else 'false'}>",
+                      hopper=True)
 
 
 def forward_smem(d, bn, wgs):
@@ -56,11 +65,11 @@ def forward_smem(d, bn, wgs):
 _SMEM_SET = {}
 
 
-def launch(ctype, d, args, b, h, i, bn=None, wgs=None):
+def launch(ctype, d, args, b, h, i, bn=None, wgs=None, qreg=None):
     """Launch the Hopper forward with attn_fwd_mma's argument tuple."""
     bn = sm90_bn(d) if bn is None else bn
     wgs = sm90_wgs(d) if wgs is None else wgs
-    fn = get_function(forward_spec(ctype, d, bn, wgs))
+    fn = get_function(forward_spec(ctype, d, bn, wgs, qreg))
     smem = forward_smem(d, bn, wgs)
     if _SMEM_SET.get(id(fn), 0) < smem:      # once per kernel, before any graph capture
         fn.max_dynamic_shared_size_bytes = smem
@@ -90,26 +99,39 @@ def sm90_bulk_dq():
     return os.environ.get("CUPY_COSINE_ATTN_SM90_BULK_DQ", "1") != "0"
 
 
-def backward_spec(ctype, d, bulk=None, wgs=None):
+def sm90_bwd_pipe(d):
+    """Software-pipelined backward loop (next tile's S^T/dP^T under this tile's gradient
+    products): d = 64 only, where the registers allow two tiles' fragments."""
+    env = os.environ.get("CUPY_COSINE_ATTN_SM90_BWD_PIPE")
+    if env and d == 64:
+        return env != "0"
+    return d == 64
+
+
+def backward_spec(ctype, d, bulk=None, wgs=None, pipe=None):
     bulk = sm90_bulk_dq() if bulk is None else bulk
     wgs = sm90_bwd_wgs(d) if wgs is None else wgs
+    pipe = sm90_bwd_pipe(d) if pipe is None else pipe
+    flag = lambda x: "true" if x else "false"  # noqa: E731
     return KernelSpec("cosine_bwd_sm90.cu",
-                      f"attn_bwd_wgmma<{d}, {ctype}, {'true' if bulk else 'false'}, {wgs}>", hopper=True)
+                      f"attn_bwd_wgmma<{d}, {ctype}, {flag(bulk)}, {wgs}, {flag(pipe)}>", hopper=True)
 
 
-def backward_smem(d, wgs):
-    # K, V tiles; 2-stage Q and dO; the dS^T tile; 2-stage lse and delta; the dQ staging rows
-    # (16 rows of 64 + 8 floats per warp); 1 KiB alignment.
+def backward_smem(d, wgs, pipe):
+    # K, V tiles; Q and dO stages (3 pipelined, else 2); dS^T tiles (2 pipelined, else 1); lse
+    # and delta per stage; the dQ staging rows (16 rows of 64 + 8 floats per warp); 1 KiB alignment.
     bn, bm = 64 * wgs, SM90_BWD_BM
-    return (2 * bn * d * 2 + 4 * bm * d * 2 + bn * bm * 2 + 4 * bm * 4 + 4 * wgs * 16 * 72 * 4
-            + 1024)
+    stages, ds_bufs = (3, 2) if pipe else (2, 1)
+    return (2 * bn * d * 2 + 2 * stages * bm * d * 2 + ds_bufs * bn * bm * 2 + 2 * stages * bm * 4
+            + 4 * wgs * 16 * 72 * 4 + 1024)
 
 
-def launch_backward(ctype, d, args, b, hk, j, bulk=None, wgs=None):
+def launch_backward(ctype, d, args, b, hk, j, bulk=None, wgs=None, pipe=None):
     """Launch the Hopper backward with attn_bwd_kv_mma's argument tuple (atomic dQ)."""
     wgs = sm90_bwd_wgs(d) if wgs is None else wgs
-    fn = get_function(backward_spec(ctype, d, bulk, wgs))
-    smem = backward_smem(d, wgs)
+    pipe = sm90_bwd_pipe(d) if pipe is None else pipe
+    fn = get_function(backward_spec(ctype, d, bulk, wgs, pipe))
+    smem = backward_smem(d, wgs, pipe)
     if _SMEM_SET.get(id(fn), 0) < smem:
         fn.max_dynamic_shared_size_bytes = smem
         _SMEM_SET[id(fn)] = smem
@@ -119,8 +141,9 @@ def launch_backward(ctype, d, args, b, hk, j, bulk=None, wgs=None):
 def specs():
     """Every Hopper variant (for warm-up and the CI compile check, sm_90a only)."""
     cts = ("__half", "__nv_bfloat16")
-    return ([forward_spec(ct, d, bn, wgs) for ct in cts for d in SM90_HEAD_DIMS for bn in (64, 128)
-             for wgs in (1, 2)]
-            + [backward_spec(ct, d, bulk, wgs) for ct in cts for d in SM90_HEAD_DIMS
-               for bulk in (True, False) for wgs in ((1, 2) if d == 64 else (2,))])
+    return ([forward_spec(ct, d, bn, wgs, qreg) for ct in cts for d in SM90_HEAD_DIMS
+             for bn in (64, 128) for wgs in (1, 2) for qreg in (True, False)]
+            + [backward_spec(ct, d, bulk, wgs, pipe) for ct in cts for d in SM90_HEAD_DIMS
+               for bulk in (True, False) for wgs in ((1, 2) if d == 64 else (2,))
+               for pipe in ((True, False) if d == 64 else (False,))])
 

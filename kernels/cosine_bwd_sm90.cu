@@ -1,23 +1,27 @@
 // Hopper backward (sm_90a): the contract and arguments of attn_bwd_kv_mma<DP, T, true> in
-// cosine_bwd.cu (dK, dV written once; dQ and broadcast-bias gradients added with fp32 atomics),
-// on wgmma. The deterministic dQ pass stays on the sm_80 kernels.
+// cosine_bwd.cu (dK, dV written once; dQ and broadcast-bias gradients added in fp32), on wgmma.
+// The deterministic dQ pass stays on the sm_80 kernels.
 //
-// One CTA = WGS consumer warpgroups of 64 keys each (WGS = 1 at d = 64: two CTAs per SM); K and V stay in 128B-swizzled smem
-// (sm90.cuh). The CTA walks the query tiles (64 rows) of every query head of its k/v head, Q and
-// dO double-buffered with cp.async. Per query tile, each warpgroup:
-//   S^T = K Q^T, dP^T = V dO^T                      (wgmma, all operands K-major in smem)
-//   P^T = exp2(S^T c + bias - lse), dS^T = P^T (dP^T - delta)      (registers)
-//   dS^T -> smem (16-bit, swizzled), barrier
-//   dV += P^T dO, dK += dS^T Q                      (A from registers, dO/Q MN-major in smem)
-//   dQ  = dS K over a slice                         (A = dS MN-major, B = K MN-major, in smem)
+// One CTA = WGS warpgroups of 64 keys each (WGS = 1 at d = 64: two CTAs per SM); K and V stay in
+// 128B-swizzled smem (sm90.cuh). The CTA walks the query tiles (64 rows) of every query head of
+// its k/v head, Q, dO, lse and delta in a ring of cp.async stages. Per query tile, each warpgroup:
+//   S^T = K Q^T, dP^T = V dO^T                      (issue_sdp: wgmma, operands K-major in smem)
+//   P^T = exp2(S^T c + bias - lse), dS^T = P^T (dP^T - delta)   (to_grads: registers; dS^T -> smem)
+//   dV += P^T dO, dK += dS^T Q                      (issue_grads: A from registers, dO/Q MN-major)
+//   dQ  = dS K over a slice                         (issue_grads: dS and K MN-major in smem)
 //   dQ -> global fp32: bulk reduce-add of each warp's rows staged in smem (BULK_DQ), or atomics
 // dQ slices: d = 128 splits the head dim (warpgroup w: columns 64w.., all 128 keys); d = 64
 // splits the keys (warpgroup w: its own 64 keys, all columns). 32 accumulators either way.
+//
+// PIPE (d = 64): tile t+1's S^T/dP^T is issued before tile t's gradient products, and its
+// exponentials run while the tensor cores do dV/dK/dQ of tile t (3 Q/dO stages, 2 dS^T tiles).
+// Without PIPE the phases of a tile run one after the other (d = 128: dK and dV take 128 registers,
+// no room for a second tile's fragments).
 #include "attn_common.cuh"
 #include "sm90.cuh"
 using namespace cattn;
 
-template <int D, typename T, bool BULK_DQ, int WGS>
+template <int D, typename T, bool BULK_DQ, int WGS, bool PIPE>
 __global__ void __launch_bounds__(128 * WGS, WGS == 1 ? 2 : 1)
 attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
@@ -27,7 +31,9 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
                long long bias_sb, long long bias_sh, long long bias_si,
                int B, int H, int HK, int I, int J, int Dim, int causal, float scale, float c_scale) {
     static_assert(WGS == 2 || D == 64, "one warpgroup per CTA only at d = 64 (dQ registers)");
+    static_assert(!PIPE || D == 64, "the pipelined loop holds two tiles' fragments: d = 64 only");
     constexpr int BN = 64 * WGS, BM = 64, THREADS = 128 * WGS;
+    constexpr int STAGES = PIPE ? 3 : 2, DS_BUFS = PIPE ? 2 : 1;
     constexpr int TILE_KV = BN * D * 2, TILE_Q = BM * D * 2, TILE_DS = BN * BM * 2;
     constexpr bool SPLIT_D = D == 128;            // else split the keys
     constexpr int DQ_N = SPLIT_D ? 64 : D, DQ_KEYS = SPLIT_D ? BN : 64;
@@ -35,13 +41,13 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     unsigned char* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
     unsigned char* sK = smem;
     unsigned char* sV = sK + TILE_KV;
-    unsigned char* sQ = sV + TILE_KV;          // 2 stages
-    unsigned char* sO = sQ + 2 * TILE_Q;       // dO, 2 stages
-    unsigned char* sdS = sO + 2 * TILE_Q;      // dS^T: keys x queries, sw128 (one slab)
-    float* sL = reinterpret_cast<float*>(sdS + TILE_DS);   // 2 x BM: lse
-    float* sDl = sL + 2 * BM;                                // 2 x BM: delta
-    constexpr int SDQ = DQ_N + 8;                            // padded fp32 row of a dQ slice
-    float* sdQ = sDl + 2 * BM;                               // BULK_DQ: per warp 16 x SDQ
+    unsigned char* sQ = sV + TILE_KV;               // STAGES tiles
+    unsigned char* sO = sQ + STAGES * TILE_Q;       // dO, STAGES tiles
+    unsigned char* sdS = sO + STAGES * TILE_Q;      // DS_BUFS tiles of dS^T: keys x queries, sw128
+    float* sL = reinterpret_cast<float*>(sdS + DS_BUFS * TILE_DS);   // STAGES x BM: lse
+    float* sDl = sL + STAGES * BM;                                   // STAGES x BM: delta
+    constexpr int SDQ = DQ_N + 8;                                    // padded fp32 row of a dQ slice
+    float* sdQ = sDl + STAGES * BM;                                  // BULK_DQ: per warp 16 x SDQ
 
     const int n_key_tiles = (J + BN - 1) / BN;
     const int n0 = (int)(blockIdx.x % n_key_tiles) * BN;
@@ -59,15 +65,17 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     const int m_first = causal ? max(0, n0 - (J - I)) : 0;
     const int t_first = m_first / BM, n_q_tiles = (I + BM - 1) / BM;
     const int per_head = max(0, n_q_tiles - t_first), total = per_head * group;
+    auto head_of = [&](int it) { return hki * group + it / per_head; };
+    auto row0_of = [&](int it) { return (t_first + it % per_head) * BM; };
 
     load_tile_sw128<BN, D, THREADS>(reinterpret_cast<T*>(sK), k + kv_off, J - n0);
     load_tile_sw128<BN, D, THREADS>(reinterpret_cast<T*>(sV), v + kv_off, J - n0);
-    // Q, dO, and the raw lse and delta of a query tile, all through cp.async (a plain global
+    // Q, dO, and the raw lse and delta of query tile `it`, all through cp.async (a plain global
     // load here would stall its warps for a full memory latency every tile). Rows past the end
     // get lse = +inf (P = 0 there) and delta = 0 without a load.
-    auto load_q_tile = [&](int it, int stage) {
-        const int hq = hki * group + it / per_head, m0 = (t_first + it % per_head) * BM;
-        const long long qoff = (long long)(bi * H + hq) * I + m0;
+    auto load_q_tile = [&](int it) {
+        const int stage = it % STAGES, m0 = row0_of(it);
+        const long long qoff = (long long)(bi * H + head_of(it)) * I + m0;
         load_tile_sw128<BM, D, THREADS>(reinterpret_cast<T*>(sQ + stage * TILE_Q), q + qoff * D, I - m0);
         load_tile_sw128<BM, D, THREADS>(reinterpret_cast<T*>(sO + stage * TILE_Q), dout + qoff * D, I - m0);
         for (int r = threadIdx.x; r < 2 * BM; r += THREADS) {
@@ -77,34 +85,11 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
             else *dst = r < BM ? INFINITY : 0.f;
         }
     };
-    if (total > 0) load_q_tile(0, 0);
-    cp_async_commit();
 
-    float dk[D / 2], dv[D / 2];
-#pragma unroll
-    for (int i = 0; i < D / 2; ++i) dk[i] = dv[i] = 0.f;
-    pin(dk);
-    pin(dv);
-
-    const int key0 = n0 + wg * 64 + warp * 16 + g, key1 = key0 + 8;   // this thread's key rows
-    for (int it = 0; it < total; ++it) {
-        const int stage = it & 1;
-        const int hq = hki * group + it / per_head, m0 = (t_first + it % per_head) * BM;
-        // Tile `it` has landed, and every warpgroup is done with tile it-1 (its wgmmas were
-        // waited for), so stage^1 and the dS^T tile may be refilled: one barrier per tile here,
-        // one for dS^T below.
-        cp_async_wait<0>();
-        fence_async_smem();
-        __syncthreads();
-        if (it + 1 < total) load_q_tile(it + 1, stage ^ 1);
-        cp_async_commit();
-        const unsigned char* Qs = sQ + stage * TILE_Q;
-        const unsigned char* Os = sO + stage * TILE_Q;
-        const float* Ls = sL + stage * BM;
-        const float* Ds = sDl + stage * BM;
-
-        // S^T, dP^T: this warpgroup's 64 keys x 64 queries.
-        float st[BM / 2], dpt[BM / 2];
+    // S^T, dP^T of tile `it`: this warpgroup's 64 keys x 64 queries (one commit group).
+    auto issue_sdp = [&](float (&st)[BM / 2], float (&dpt)[BM / 2], int it) {
+        const unsigned char* Qs = sQ + (it % STAGES) * TILE_Q;
+        const unsigned char* Os = sO + (it % STAGES) * TILE_Q;
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
@@ -114,13 +99,18 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
             Wgmma<BM, T>::ss(dpt, sw128_desc(sV + a_off, 16, 1024), sw128_desc(Os + b_off, 16, 1024), kk > 0);
         }
         wgmma_commit();
-        wgmma_wait<0>();
-        pin(st);
-        pin(dpt);
+    };
 
-        // P^T and dS^T; element i: key row (i & 2 ? key1 : key0), query column m0 + 8(i/4) + 2t + (i&1).
+    // P^T and dS^T of tile `it` as 16-bit A fragments, dS^T also to its smem tile. Element i of
+    // st/dpt: key row (i & 2 ? key1 : key0), query column m0 + 8(i/4) + 2t + (i&1).
+    const int key0 = n0 + wg * 64 + warp * 16 + g, key1 = key0 + 8;   // this thread's key rows
+    auto to_grads = [&](const float (&st)[BM / 2], const float (&dpt)[BM / 2], int it,
+                        u32 (&pa)[BM / 16][4], u32 (&sa)[BM / 16][4]) {
+        const int hq = head_of(it), m0 = row0_of(it);
+        const float* Ls = sL + (it % STAGES) * BM;
+        const float* Ds = sDl + (it % STAGES) * BM;
+        unsigned char* dS = sdS + (it % DS_BUFS) * TILE_DS;
         const bool check = (causal && n0 + BN - 1 > m0 + (J - I)) || (n0 + BN > J) || mask_b != nullptr;
-        u32 pa[BM / 16][4], sa[BM / 16][4];
 #pragma unroll
         for (int kc = 0; kc < BM / 16; ++kc) {
             float pe[8], se[8];
@@ -137,52 +127,54 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
                 se[u] = ds;
                 if (want_dbias && p != 0.f) bgrad.put(bi, hq, row, key, ds);
             }
-            pa[kc][0] = Pack<T>::from_floats(pe[0], pe[1]);
-            pa[kc][1] = Pack<T>::from_floats(pe[2], pe[3]);
-            pa[kc][2] = Pack<T>::from_floats(pe[4], pe[5]);
-            pa[kc][3] = Pack<T>::from_floats(pe[6], pe[7]);
-            sa[kc][0] = Pack<T>::from_floats(se[0], se[1]);
-            sa[kc][1] = Pack<T>::from_floats(se[2], se[3]);
-            sa[kc][2] = Pack<T>::from_floats(se[4], se[5]);
-            sa[kc][3] = Pack<T>::from_floats(se[6], se[7]);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                pa[kc][e] = Pack<T>::from_floats(pe[2 * e], pe[2 * e + 1]);
+                sa[kc][e] = Pack<T>::from_floats(se[2 * e], se[2 * e + 1]);
+            }
             // dS^T to smem, row = local key, column = local query: pairs of queries per store.
             const int kl0 = wg * 64 + warp * 16 + g, qc0 = kc * 16 + 2 * t;
-            *reinterpret_cast<u32*>(sdS + sw128_offset<BN>(kl0, qc0)) = sa[kc][0];
-            *reinterpret_cast<u32*>(sdS + sw128_offset<BN>(kl0 + 8, qc0)) = sa[kc][1];
-            *reinterpret_cast<u32*>(sdS + sw128_offset<BN>(kl0, qc0 + 8)) = sa[kc][2];
-            *reinterpret_cast<u32*>(sdS + sw128_offset<BN>(kl0 + 8, qc0 + 8)) = sa[kc][3];
+            *reinterpret_cast<u32*>(dS + sw128_offset<BN>(kl0, qc0)) = sa[kc][0];
+            *reinterpret_cast<u32*>(dS + sw128_offset<BN>(kl0 + 8, qc0)) = sa[kc][1];
+            *reinterpret_cast<u32*>(dS + sw128_offset<BN>(kl0, qc0 + 8)) = sa[kc][2];
+            *reinterpret_cast<u32*>(dS + sw128_offset<BN>(kl0 + 8, qc0 + 8)) = sa[kc][3];
         }
-        fence_async_smem();
-        __syncthreads();    // all of dS^T is in smem
+    };
 
-        // dV += P^T dO, dK += dS^T Q (keys x d; k = queries), dQ = dS K (queries x d; k = keys).
-        float dq[DQ_N / 2];
+    float dk[D / 2], dv[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) dk[i] = dv[i] = 0.f;
+    pin(dk);
+    pin(dv);
+
+    // dV += P^T dO, dK += dS^T Q (keys x d; k = queries), dQ = dS K (queries x d; k = keys), for
+    // tile `it` (one commit group). dS^T of the tile must be in smem, fenced, behind a barrier.
+    auto issue_grads = [&](const u32 (&pa)[BM / 16][4], const u32 (&sa)[BM / 16][4],
+                           float (&dq)[DQ_N / 2], int it) {
+        const unsigned char* Qs = sQ + (it % STAGES) * TILE_Q;
+        const unsigned char* Os = sO + (it % STAGES) * TILE_Q;
+        const unsigned char* dS = sdS + (it % DS_BUFS) * TILE_DS;
         wgmma_fence();
 #pragma unroll
         for (int kc = 0; kc < BM / 16; ++kc) {
             Wgmma<D, T>::template rs<1>(dv, pa[kc], sw128_desc(Os + kc * 16 * 128, BM * 128, 1024), 1);
             Wgmma<D, T>::template rs<1>(dk, sa[kc], sw128_desc(Qs + kc * 16 * 128, BM * 128, 1024), 1);
         }
-        {
-            const int key_base = SPLIT_D ? 0 : wg * 64;           // first key row of the slice
-            const int col_slab = SPLIT_D ? wg : 0;                // 64-column slab of K
+        const int key_base = SPLIT_D ? 0 : wg * 64;           // first key row of the slice
+        const int col_slab = SPLIT_D ? wg : 0;                // 64-column slab of K
 #pragma unroll
-            for (int kc = 0; kc < DQ_KEYS / 16; ++kc) {
-                const int kr = key_base + kc * 16;
-                Wgmma<DQ_N, T>::template ss<1, 1>(dq, sw128_desc(sdS + kr * 128, 1024, 1024),
-                                                  sw128_desc(sK + col_slab * BN * 128 + kr * 128, BN * 128, 1024), kc > 0);
-            }
+        for (int kc = 0; kc < DQ_KEYS / 16; ++kc) {
+            const int kr = key_base + kc * 16;
+            Wgmma<DQ_N, T>::template ss<1, 1>(dq, sw128_desc(dS + kr * 128, 1024, 1024),
+                                              sw128_desc(sK + col_slab * BN * 128 + kr * 128, BN * 128, 1024), kc > 0);
         }
         wgmma_commit();
-        wgmma_wait<0>();
-        pin(dq);
-        pin(dk);
-        pin(dv);
-        pin(pa);
-        pin(sa);
+    };
 
-        // dQ: rows m0 + 16 warp + g (+8), columns c0 + 8j + 2t (+1).
-        float* dqb = dq_acc + (long long)(bi * H + hq) * I * D;
+    // dQ of tile `it` (complete in registers): rows m0 + 16 warp + g (+8), columns c0 + 8j + 2t (+1).
+    auto store_dq = [&](const float (&dq)[DQ_N / 2], int it) {
+        const int m0 = row0_of(it);
+        float* dqb = dq_acc + (long long)(bi * H + head_of(it)) * I * D;
         const int r0 = m0 + warp * 16 + g, r1 = r0 + 8, c0 = SPLIT_D ? wg * 64 : 0;
         if (BULK_DQ) {
             // Each warp stages its 16 rows and lanes 0..15 reduce-add one row each (DQ_N * 4
@@ -217,7 +209,100 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
                 }
             }
         }
+    };
+
+    if (!PIPE) {
+        if (total > 0) load_q_tile(0);
+        cp_async_commit();
+        for (int it = 0; it < total; ++it) {
+            // Tile `it` has landed, and every warpgroup is done with tile it-1 (its wgmmas were
+            // waited for), so the other stage and the dS^T tile may be refilled: one barrier per
+            // tile here, one for dS^T below.
+            cp_async_wait<0>();
+            fence_async_smem();
+            __syncthreads();
+            if (it + 1 < total) load_q_tile(it + 1);
+            cp_async_commit();
+            float st[BM / 2], dpt[BM / 2];
+            issue_sdp(st, dpt, it);
+            wgmma_wait<0>();
+            pin(st);
+            pin(dpt);
+            u32 pa[BM / 16][4], sa[BM / 16][4];
+            to_grads(st, dpt, it, pa, sa);
+            fence_async_smem();
+            __syncthreads();    // all of dS^T is in smem
+            float dq[DQ_N / 2];
+            issue_grads(pa, sa, dq, it);
+            wgmma_wait<0>();
+            pin(dq);
+            pin(dk);
+            pin(dv);
+            pin(pa);
+            pin(sa);
+            store_dq(dq, it);
+        }
+    } else {
+        // Prologue: tiles 0 and 1 in flight (K and V ride with tile 0), P/dS of tile 0 ready.
+        if (total > 0) load_q_tile(0);
+        cp_async_commit();
+        if (total > 1) load_q_tile(1);
+        cp_async_commit();
+        u32 pa[BM / 16][4], sa[BM / 16][4];
+        if (total > 0) {
+            cp_async_wait<1>();
+            fence_async_smem();
+            __syncthreads();
+            float st[BM / 2], dpt[BM / 2];
+            issue_sdp(st, dpt, 0);
+            wgmma_wait<0>();
+            pin(st);
+            pin(dpt);
+            to_grads(st, dpt, 0, pa, sa);
+        }
+        // One tile: the fragments of tile `it` are in (pa, sa); those of tile it+1 go to (pn, sn).
+        // The loop below alternates the two register sets (no copies between tiles).
+        auto step = [&](int it, u32 (&pa)[BM / 16][4], u32 (&sa)[BM / 16][4],
+                        u32 (&pn)[BM / 16][4], u32 (&sn)[BM / 16][4]) {
+            // Tile it+1 has landed, dS^T(it) is in smem, and every warpgroup is done with tile
+            // it-1, so its stage may take tile it+2: one barrier per tile.
+            cp_async_wait<0>();
+            fence_async_smem();
+            __syncthreads();
+            if (it + 2 < total) load_q_tile(it + 2);
+            cp_async_commit();
+            float dq[DQ_N / 2];
+            if (it + 1 < total) {
+                // S^T/dP^T(it+1) first, so its exponentials can start while the gradient
+                // products of tile it still run. Straight-line issue/wait (ptxas C7514/C7515).
+                float st[BM / 2], dpt[BM / 2];
+                issue_sdp(st, dpt, it + 1);
+                issue_grads(pa, sa, dq, it);
+                wgmma_wait<1>();
+                pin(st);
+                pin(dpt);
+                to_grads(st, dpt, it + 1, pn, sn);
+                wgmma_wait<0>();
+                pin(pa);
+                pin(sa);
+            } else {
+                issue_grads(pa, sa, dq, it);
+                wgmma_wait<0>();
+                pin(pa);
+                pin(sa);
+            }
+            pin(dq);
+            pin(dk);
+            pin(dv);
+            store_dq(dq, it);
+        };
+        u32 pn[BM / 16][4], sn[BM / 16][4];
+        for (int it = 0; it < total; it += 2) {
+            step(it, pa, sa, pn, sn);
+            if (it + 1 < total) step(it + 1, pn, sn, pa, sa);
+        }
     }
+    cp_async_wait<0>();      // no copy outlives the CTA (total == 0 skips every wait above)
     wgmma_wait<0>();
     pin(dk);
     pin(dv);

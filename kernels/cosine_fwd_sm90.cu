@@ -15,7 +15,7 @@
 #include "sm90.cuh"
 using namespace cattn;
 
-template <int D, typename T, int BN, int WGS>
+template <int D, typename T, int BN, int WGS, bool QREG>
 __global__ void __launch_bounds__(128 * WGS, WGS == 1 ? 2 : 1)
 attn_fwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                const T* __restrict__ bias, const unsigned char* __restrict__ mask,
@@ -52,16 +52,24 @@ attn_fwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
         load_tile_sw128<BN, D, THREADS>(reinterpret_cast<T*>(sV + (tile % STAGES) * TILE_KV),
                                         vb + (long long)tile * BN * D, J - tile * BN);
     };
-    // S = Q K^T for this warpgroup's 64 rows: D/16 k-steps of m64nBNk16, Q and K K-major in smem
-    // (Q in registers would cost D/4 registers per thread that the BN = 128 tiles cannot spare).
+    // Q as A fragments in registers (QREG: D/4 registers per thread, loaded once from the smem
+    // tile): QK^T then reads only K from shared memory, half the smem traffic of the SS form,
+    // whose m64n64k16 steps need the full 128 B/clock of shared memory bandwidth.
+    u32 qa[QREG ? D / 16 : 1][4];
+    // S = Q K^T for this warpgroup's 64 rows: D/16 k-steps of m64nBNk16, K K-major in smem, Q
+    // from registers (QREG) or K-major in smem.
     auto issue_qk = [&](float (&s)[BN / 2], int tile) {
         const unsigned char* kt = sK + (tile % STAGES) * TILE_KV;
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
-            const unsigned long long da = sw128_desc(sQ + (kk / 4) * BM * 128 + wg * 64 * 128 + (kk % 4) * 32, 16, 1024);
             const unsigned long long db = sw128_desc(kt + (kk / 4) * BN * 128 + (kk % 4) * 32, 16, 1024);
-            Wgmma<BN, T>::ss(s, da, db, kk > 0);
+            if constexpr (QREG) {
+                Wgmma<BN, T>::template rs<0>(s, qa[kk], db, kk > 0);
+            } else {
+                const unsigned long long da = sw128_desc(sQ + (kk / 4) * BM * 128 + wg * 64 * 128 + (kk % 4) * 32, 16, 1024);
+                Wgmma<BN, T>::ss(s, da, db, kk > 0);
+            }
         }
         wgmma_commit();
     };
@@ -124,6 +132,18 @@ attn_fwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     cp_async_wait<0>();
     fence_async_smem();
     __syncthreads();
+    if constexpr (QREG) {
+        // The mma A-fragment layout: rows 16 warp + g (+8), columns 16 kk + 2t (+1) (+8).
+        const int r = wg * 64 + warp * 16 + g;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            const int c = kk * 16 + 2 * t;
+            qa[kk][0] = *reinterpret_cast<const u32*>(sQ + sw128_offset<BM>(r, c));
+            qa[kk][1] = *reinterpret_cast<const u32*>(sQ + sw128_offset<BM>(r + 8, c));
+            qa[kk][2] = *reinterpret_cast<const u32*>(sQ + sw128_offset<BM>(r, c + 8));
+            qa[kk][3] = *reinterpret_cast<const u32*>(sQ + sw128_offset<BM>(r + 8, c + 8));
+        }
+    }
     pin(o);   // the zeroing of O must not sink past the first wgmma issue (C7515)
     if (n_tiles > 0) {
         float s[BN / 2];
