@@ -199,8 +199,8 @@ def truth_grads(dtype, q, k, v, dout, mask, bias, causal, scale):
     return dq, dk, dv, ds.sum(0, keepdims=True), delta.astype(cp.float32)
 
 
-def run_bwd(kind, dtype, q, k, v, dout, lse, delta, mask, bias, causal, scale, bulk=True, wgs=None,
-            pipe=None):
+def run_bwd(kind, dtype, q, k, v, dout, lse, delta, mask, bias, causal, scale, dqm=None, wgs=None,
+            bm=None):
     b, h, i, d = q.shape
     hk, j = k.shape[1], k.shape[2]
     dq = cp.zeros((b, h, i, d), dtype=cp.float32)
@@ -215,7 +215,7 @@ def run_bwd(kind, dtype, q, k, v, dout, lse, delta, mask, bias, causal, scale, b
             np.int32(causal), np.float32(scale), np.float32(scale * math.log2(math.e)))
     ct = CTYPE[dtype]
     if kind == "sm90":
-        hopper_launch.launch_backward(ct, d, args, b, hk, j, bulk=bulk, wgs=wgs, pipe=pipe)
+        hopper_launch.launch_backward(ct, d, args, b, hk, j, dq=dqm, wgs=wgs, bm=bm)
     else:
         dp = padded_dim(dtype, d)
         fn = get_function(KernelSpec("cosine_bwd.cu", f"attn_bwd_kv_mma<{dp}, {ct}, true>"))
@@ -235,9 +235,12 @@ def bwd_correctness(dtype, d, results):
         _, lse = run("sm80", dtype, q, k, v, mask, bias, causal, 8.0)
         tdq, tdk, tdv, tdb, delta = truth_grads(dtype, q, k, v, dout, mask, bias, causal, 8.0)
         g90 = run_bwd("sm90", dtype, q, k, v, dout, lse, delta, mask, bias, causal, 8.0)
-        g90a = run_bwd("sm90", dtype, q, k, v, dout, lse, delta, mask, bias, causal, 8.0, bulk=False)
-        g90w = run_bwd("sm90", dtype, q, k, v, dout, lse, delta, mask, bias, causal, 8.0, wgs=2)
-        g90s = run_bwd("sm90", dtype, q, k, v, dout, lse, delta, mask, bias, causal, 8.0, pipe=False)
+        g90a = run_bwd("sm90", dtype, q, k, v, dout, lse, delta, mask, bias, causal, 8.0, dqm=0)
+        # d = 64: the one-warpgroup, 64-query variant; d = 128: the default again
+        g90w = run_bwd("sm90", dtype, q, k, v, dout, lse, delta, mask, bias, causal, 8.0,
+                       wgs=1 if d == 64 else None, bm=64 if d == 64 else None)
+        g90s = run_bwd("sm90", dtype, q, k, v, dout, lse, delta, mask, bias, causal, 8.0,
+                       dqm=2 if d == 64 else None)
         g80 = run_bwd("sm80", dtype, q, k, v, dout, lse, delta, mask, bias, causal, 8.0)
         cp.cuda.Device().synchronize()
         errs = {}
@@ -245,9 +248,9 @@ def bwd_correctness(dtype, d, results):
         for name, t, a90, a80 in (("dq", tdq, g90[0], g80[0]), ("dk", tdk, g90[1], g80[1]),
                                   ("dv", tdv, to64(g90[2], dtype), to64(g80[2], dtype)),
                                   ("db", tdb, g90[3], g80[3]), ("dq_atomic", tdq, g90a[0], g80[0]),
-                                  ("dq_w2", tdq, g90w[0], g80[0]), ("dk_w2", tdk, g90w[1], g80[1]),
-                                  ("dq_serial", tdq, g90s[0], g80[0]), ("dk_serial", tdk, g90s[1], g80[1]),
-                                  ("dv_serial", tdv, to64(g90s[2], dtype), to64(g80[2], dtype))):
+                                  ("dq_w1", tdq, g90w[0], g80[0]), ("dk_w1", tdk, g90w[1], g80[1]),
+                                  ("dv_w1", tdv, to64(g90w[2], dtype), to64(g80[2], dtype)),
+                                  ("dq_block", tdq, g90s[0], g80[0]), ("db_block", tdb, g90s[3], g80[3])):
             if t is None or a90 is None:
                 continue
             e90, e80 = rel(a90.astype(cp.float64), t), rel(a80.astype(cp.float64), t)
@@ -300,10 +303,11 @@ def speed(dtype, d, bns, ns, results, bwd_only=False, wgss=(1, 2), qregs=(False,
                 row["bwd_sm80"] = bflops / timeit(lambda: run_bwd("sm80", dtype, q, k, v, dout, lse, delta, None, None, causal, 8.0), 5) / 1e12
             row["bwd_sm90"] = bflops / timeit(lambda: run_bwd("sm90", dtype, q, k, v, dout, lse, delta, None, None, causal, 8.0), 5) / 1e12
             if d == 64:
-                row["bwd_sm90_serial"] = bflops / timeit(lambda: run_bwd("sm90", dtype, q, k, v, dout, lse, delta, None, None, causal, 8.0, pipe=False), 5) / 1e12
+                row["bwd_sm90_dqblock"] = bflops / timeit(lambda: run_bwd("sm90", dtype, q, k, v, dout, lse, delta, None, None, causal, 8.0, dqm=2), 5) / 1e12
+                row["bwd_sm90_w1_bm64"] = bflops / timeit(lambda: run_bwd("sm90", dtype, q, k, v, dout, lse, delta, None, None, causal, 8.0, wgs=1, bm=64), 5) / 1e12
+                row["bwd_sm90_w2_bm64"] = bflops / timeit(lambda: run_bwd("sm90", dtype, q, k, v, dout, lse, delta, None, None, causal, 8.0, wgs=2, bm=64), 5) / 1e12
+            row["bwd_sm90_atomic"] = bflops / timeit(lambda: run_bwd("sm90", dtype, q, k, v, dout, lse, delta, None, None, causal, 8.0, dqm=0), 5) / 1e12
             if not quick:
-                row["bwd_sm90_w2"] = bflops / timeit(lambda: run_bwd("sm90", dtype, q, k, v, dout, lse, delta, None, None, causal, 8.0, wgs=2), 5) / 1e12
-                row["bwd_sm90_atomic"] = bflops / timeit(lambda: run_bwd("sm90", dtype, q, k, v, dout, lse, delta, None, None, causal, 8.0, bulk=False), 5) / 1e12
                 row["sm80"] = flops / timeit(lambda: run("sm80", dtype, q, k, v, None, None, causal, 8.0)) / 1e12
             for bn in [b or hopper_launch.sm90_bn(d) for b in bns]:
                 for wgs in wgss:

@@ -83,55 +83,53 @@ def covers_backward(dtype, d, deterministic):
             and not deterministic and device_is_sm90())
 
 
-SM90_BWD_BM = 64                      # queries per step of the backward
-
-
 def sm90_bwd_wgs(d):
-    """Warpgroups (64 keys each) per backward CTA: one at d = 64 (two CTAs share an SM)."""
+    """Warpgroups (64 keys each) per backward CTA (measured: benchmarks/NOTES.md)."""
     env = os.environ.get("CUPY_COSINE_ATTN_SM90_BWD_WGS")
-    if env and d == 64:
-        return int(env)
-    return 1 if d == 64 else 2
+    return int(env) if env and d == 64 else 2
 
 
-def sm90_bulk_dq():
-    """dQ by copy-engine bulk reduce-add (default) or by fp32 atomics (env override, tuning)."""
-    return os.environ.get("CUPY_COSINE_ATTN_SM90_BULK_DQ", "1") != "0"
+def sm90_bwd_bm(d, wgs):
+    """Queries per step of the backward: 128 at d = 64 with two warpgroups, else 64."""
+    env = os.environ.get("CUPY_COSINE_ATTN_SM90_BWD_BM")
+    ok = d == 64 and wgs == 2
+    return (int(env) if env else 128) if ok else 64
 
 
-def sm90_bwd_pipe(d):
-    """Software-pipelined backward loop (next tile's S^T/dP^T under this tile's gradient
-    products): d = 64 only, where the registers allow two tiles' fragments."""
-    env = os.environ.get("CUPY_COSINE_ATTN_SM90_BWD_PIPE")
-    if env and d == 64:
-        return env != "0"
-    return d == 64
+def sm90_dq_mode(d, wgs, bm):
+    """How dQ reaches global memory: 0 fp32 atomics, 1 bulk reduce-add per row, 2 per warp block
+    of whole rows (only when a warpgroup holds every column: d = 64)."""
+    env = os.environ.get("CUPY_COSINE_ATTN_SM90_DQ")
+    mode = int(env) if env else 1
+    return 1 if mode == 2 and d != 64 else mode
 
 
-def backward_spec(ctype, d, bulk=None, wgs=None, pipe=None):
-    bulk = sm90_bulk_dq() if bulk is None else bulk
+def _bwd_config(d, dq, wgs, bm):
     wgs = sm90_bwd_wgs(d) if wgs is None else wgs
-    pipe = sm90_bwd_pipe(d) if pipe is None else pipe
-    flag = lambda x: "true" if x else "false"  # noqa: E731
-    return KernelSpec("cosine_bwd_sm90.cu",
-                      f"attn_bwd_wgmma<{d}, {ctype}, {flag(bulk)}, {wgs}, {flag(pipe)}>", hopper=True)
+    bm = sm90_bwd_bm(d, wgs) if bm is None else bm
+    dq = sm90_dq_mode(d, wgs, bm) if dq is None else dq
+    return dq, wgs, bm
 
 
-def backward_smem(d, wgs, pipe):
-    # K, V tiles; Q and dO stages (3 pipelined, else 2); dS^T tiles (2 pipelined, else 1); lse
-    # and delta per stage; the dQ staging rows (16 rows of 64 + 8 floats per warp); 1 KiB alignment.
-    bn, bm = 64 * wgs, SM90_BWD_BM
-    stages, ds_bufs = (3, 2) if pipe else (2, 1)
-    return (2 * bn * d * 2 + 2 * stages * bm * d * 2 + ds_bufs * bn * bm * 2 + 2 * stages * bm * 4
-            + 4 * wgs * 16 * 72 * 4 + 1024)
+def backward_spec(ctype, d, dq=None, wgs=None, bm=None):
+    dq, wgs, bm = _bwd_config(d, dq, wgs, bm)
+    return KernelSpec("cosine_bwd_sm90.cu", f"attn_bwd_wgmma<{d}, {ctype}, {dq}, {wgs}, {bm}>",
+                      hopper=True)
 
 
-def launch_backward(ctype, d, args, b, hk, j, bulk=None, wgs=None, pipe=None):
+def backward_smem(d, wgs, bm):
+    # K, V tiles; 2-stage Q and dO; the dS^T tile; 2-stage lse and delta; the dQ staging rows
+    # (16 rows of at most 64 + 8 floats per warp); 1 KiB alignment.
+    bn = 64 * wgs
+    return (2 * bn * d * 2 + 4 * bm * d * 2 + bn * bm * 2 + 4 * bm * 4 + 4 * wgs * 16 * 72 * 4
+            + 1024)
+
+
+def launch_backward(ctype, d, args, b, hk, j, dq=None, wgs=None, bm=None):
     """Launch the Hopper backward with attn_bwd_kv_mma's argument tuple (atomic dQ)."""
-    wgs = sm90_bwd_wgs(d) if wgs is None else wgs
-    pipe = sm90_bwd_pipe(d) if pipe is None else pipe
-    fn = get_function(backward_spec(ctype, d, bulk, wgs, pipe))
-    smem = backward_smem(d, wgs, pipe)
+    dq, wgs, bm = _bwd_config(d, dq, wgs, bm)
+    fn = get_function(backward_spec(ctype, d, dq, wgs, bm))
+    smem = backward_smem(d, wgs, bm)
     if _SMEM_SET.get(id(fn), 0) < smem:
         fn.max_dynamic_shared_size_bytes = smem
         _SMEM_SET[id(fn)] = smem
@@ -143,7 +141,7 @@ def specs():
     cts = ("__half", "__nv_bfloat16")
     return ([forward_spec(ct, d, bn, wgs, qreg) for ct in cts for d in SM90_HEAD_DIMS
              for bn in (64, 128) for wgs in (1, 2) for qreg in (True, False)]
-            + [backward_spec(ct, d, bulk, wgs, pipe) for ct in cts for d in SM90_HEAD_DIMS
-               for bulk in (True, False) for wgs in ((1, 2) if d == 64 else (2,))
-               for pipe in ((True, False) if d == 64 else (False,))])
+            + [backward_spec(ct, d, dq, wgs, bm) for ct in cts for d in SM90_HEAD_DIMS
+               for (wgs, bm) in (((1, 64), (2, 64), (2, 128)) if d == 64 else ((2, 64),))
+               for dq in ((0, 1, 2) if d == 64 else (0, 1))])
 

@@ -4,24 +4,29 @@
 //
 // One CTA = WGS warpgroups of 64 keys each (WGS = 1 at d = 64: two CTAs per SM); K and V stay in
 // 128B-swizzled smem (sm90.cuh). The CTA walks the query tiles (64 rows) of every query head of
-// its k/v head, Q, dO, lse and delta in a ring of cp.async stages. Per query tile, each warpgroup:
+// its k/v head (BM rows each), Q, dO, lse and delta double-buffered with cp.async. Per query tile,
+// each warpgroup:
 //   S^T = K Q^T, dP^T = V dO^T                      (issue_sdp: wgmma, operands K-major in smem)
 //   P^T = exp2(S^T c + bias - lse), dS^T = P^T (dP^T - delta)   (to_grads: registers; dS^T -> smem)
 //   dV += P^T dO, dK += dS^T Q                      (issue_grads: A from registers, dO/Q MN-major)
 //   dQ  = dS K over a slice                         (issue_grads: dS and K MN-major in smem)
-//   dQ -> global fp32: bulk reduce-add of each warp's rows staged in smem (BULK_DQ), or atomics
-// dQ slices: d = 128 splits the head dim (warpgroup w: columns 64w.., all 128 keys); d = 64
-// splits the keys (warpgroup w: its own 64 keys, all columns). 32 accumulators either way.
+//   dQ -> global fp32: bulk reduce-add of each warp's rows staged in smem, or atomics
+// dQ slices: d = 128 splits the head dim (warpgroup w: columns 64w.., all 128 keys); d = 64 with
+// BM = 64 splits the keys (warpgroup w: its own 64 keys, all columns). 32 accumulators each.
+// The phases of a tile run one after the other; two CTAs per SM (or two warpgroups) overlap them.
+// (Issuing tile t+1's S^T/dP^T before tile t's gradient products, so the exponentials run under
+// them, was measured no faster at d = 64: benchmarks/NOTES.md.)
 //
-// PIPE (d = 64): tile t+1's S^T/dP^T is issued before tile t's gradient products, and its
-// exponentials run while the tensor cores do dV/dK/dQ of tile t (3 Q/dO stages, 2 dS^T tiles).
-// Without PIPE the phases of a tile run one after the other (d = 128: dK and dV take 128 registers,
-// no room for a second tile's fragments).
+// Query tiles of BM = 128 (d = 64, two warpgroups): S^T and dP^T are m64n128 products, and each
+// warpgroup adds the dQ of its own 64 query rows over all 128 keys of the CTA, which halves the
+// fp32 reduce-add traffic per (query, key) pair against BM = 64 with keys split.
+// DQ: 0 = fp32 atomics; 1 = copy-engine bulk reduce-add, one row (DQ_N floats) per operation;
+// 2 = one operation per warp for its 16 whole rows (4 KiB contiguous at d = 64; DQ_N = D only).
 #include "attn_common.cuh"
 #include "sm90.cuh"
 using namespace cattn;
 
-template <int D, typename T, bool BULK_DQ, int WGS, bool PIPE>
+template <int D, typename T, int DQ, int WGS, int BM>
 __global__ void __launch_bounds__(128 * WGS, WGS == 1 ? 2 : 1)
 attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
@@ -31,22 +36,25 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
                long long bias_sb, long long bias_sh, long long bias_si,
                int B, int H, int HK, int I, int J, int Dim, int causal, float scale, float c_scale) {
     static_assert(WGS == 2 || D == 64, "one warpgroup per CTA only at d = 64 (dQ registers)");
-    static_assert(!PIPE || D == 64, "the pipelined loop holds two tiles' fragments: d = 64 only");
-    constexpr int BN = 64 * WGS, BM = 64, THREADS = 128 * WGS;
-    constexpr int STAGES = PIPE ? 3 : 2, DS_BUFS = PIPE ? 2 : 1;
+    static_assert(BM == 64 || (BM == 128 && D == 64 && WGS == 2), "128-query tiles: d = 64, 2 warpgroups");
+    constexpr int BN = 64 * WGS, THREADS = 128 * WGS, STAGES = 2;
     constexpr int TILE_KV = BN * D * 2, TILE_Q = BM * D * 2, TILE_DS = BN * BM * 2;
-    constexpr bool SPLIT_D = D == 128;            // else split the keys
-    constexpr int DQ_N = SPLIT_D ? 64 : D, DQ_KEYS = SPLIT_D ? BN : 64;
+    // dQ slice of warpgroup w: SPLIT_Q (BM = 128): query rows 64w.., all keys, all columns;
+    // SPLIT_D (d = 128): columns 64w.., all keys, all queries; else its own 64 keys (partial sums).
+    constexpr bool SPLIT_Q = BM == 128, SPLIT_D = D == 128;
+    constexpr int DQ_N = SPLIT_D ? 64 : D, DQ_KEYS = (SPLIT_Q || SPLIT_D) ? BN : 64;
+    static_assert(DQ != 2 || DQ_N == D, "whole-row dQ blocks need every column in one warpgroup");
+    constexpr bool BULK_DQ = DQ != 0;
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     unsigned char* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
     unsigned char* sK = smem;
     unsigned char* sV = sK + TILE_KV;
     unsigned char* sQ = sV + TILE_KV;               // STAGES tiles
     unsigned char* sO = sQ + STAGES * TILE_Q;       // dO, STAGES tiles
-    unsigned char* sdS = sO + STAGES * TILE_Q;      // DS_BUFS tiles of dS^T: keys x queries, sw128
-    float* sL = reinterpret_cast<float*>(sdS + DS_BUFS * TILE_DS);   // STAGES x BM: lse
+    unsigned char* sdS = sO + STAGES * TILE_Q;      // dS^T: keys x queries, sw128
+    float* sL = reinterpret_cast<float*>(sdS + TILE_DS);             // STAGES x BM: lse
     float* sDl = sL + STAGES * BM;                                   // STAGES x BM: delta
-    constexpr int SDQ = DQ_N + 8;                                    // padded fp32 row of a dQ slice
+    constexpr int SDQ = DQ == 2 ? D : DQ_N + 8;    // fp32 row of a staged dQ slice (padded for DQ 1)
     float* sdQ = sDl + STAGES * BM;                                  // BULK_DQ: per warp 16 x SDQ
 
     const int n_key_tiles = (J + BN - 1) / BN;
@@ -86,7 +94,7 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
         }
     };
 
-    // S^T, dP^T of tile `it`: this warpgroup's 64 keys x 64 queries (one commit group).
+    // S^T, dP^T of tile `it`: this warpgroup's 64 keys x BM queries (one commit group).
     auto issue_sdp = [&](float (&st)[BM / 2], float (&dpt)[BM / 2], int it) {
         const unsigned char* Qs = sQ + (it % STAGES) * TILE_Q;
         const unsigned char* Os = sO + (it % STAGES) * TILE_Q;
@@ -109,7 +117,7 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
         const int hq = head_of(it), m0 = row0_of(it);
         const float* Ls = sL + (it % STAGES) * BM;
         const float* Ds = sDl + (it % STAGES) * BM;
-        unsigned char* dS = sdS + (it % DS_BUFS) * TILE_DS;
+        unsigned char* dS = sdS;
         const bool check = (causal && n0 + BN - 1 > m0 + (J - I)) || (n0 + BN > J) || mask_b != nullptr;
 #pragma unroll
         for (int kc = 0; kc < BM / 16; ++kc) {
@@ -153,34 +161,37 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
                            float (&dq)[DQ_N / 2], int it) {
         const unsigned char* Qs = sQ + (it % STAGES) * TILE_Q;
         const unsigned char* Os = sO + (it % STAGES) * TILE_Q;
-        const unsigned char* dS = sdS + (it % DS_BUFS) * TILE_DS;
+        const unsigned char* dS = sdS;
         wgmma_fence();
 #pragma unroll
         for (int kc = 0; kc < BM / 16; ++kc) {
             Wgmma<D, T>::template rs<1>(dv, pa[kc], sw128_desc(Os + kc * 16 * 128, BM * 128, 1024), 1);
             Wgmma<D, T>::template rs<1>(dk, sa[kc], sw128_desc(Qs + kc * 16 * 128, BM * 128, 1024), 1);
         }
-        const int key_base = SPLIT_D ? 0 : wg * 64;           // first key row of the slice
-        const int col_slab = SPLIT_D ? wg : 0;                // 64-column slab of K
+        const int key_base = (SPLIT_Q || SPLIT_D) ? 0 : wg * 64;   // first key row of the slice
+        const int col_slab = SPLIT_D ? wg : 0;                     // 64-column slab of K
+        const int q_slab = SPLIT_Q ? wg : 0;                       // 64-query slab of dS^T
 #pragma unroll
         for (int kc = 0; kc < DQ_KEYS / 16; ++kc) {
             const int kr = key_base + kc * 16;
-            Wgmma<DQ_N, T>::template ss<1, 1>(dq, sw128_desc(dS + kr * 128, 1024, 1024),
+            Wgmma<DQ_N, T>::template ss<1, 1>(dq, sw128_desc(dS + q_slab * BN * 128 + kr * 128, 1024, 1024),
                                               sw128_desc(sK + col_slab * BN * 128 + kr * 128, BN * 128, 1024), kc > 0);
         }
         wgmma_commit();
     };
 
-    // dQ of tile `it` (complete in registers): rows m0 + 16 warp + g (+8), columns c0 + 8j + 2t (+1).
+    // dQ of tile `it` (complete in registers): rows m0 + q0 + 16 warp + g (+8), columns
+    // c0 + 8j + 2t (+1), q0 = 64w for SPLIT_Q.
     auto store_dq = [&](const float (&dq)[DQ_N / 2], int it) {
-        const int m0 = row0_of(it);
+        const int m0 = row0_of(it) + (SPLIT_Q ? wg * 64 : 0);
         float* dqb = dq_acc + (long long)(bi * H + head_of(it)) * I * D;
         const int r0 = m0 + warp * 16 + g, r1 = r0 + 8, c0 = SPLIT_D ? wg * 64 : 0;
         if (BULK_DQ) {
-            // Each warp stages its 16 rows and lanes 0..15 reduce-add one row each (DQ_N * 4
-            // bytes): 16 copy-engine operations instead of 16 * DQ_N atomics.
+            // Each warp stages its 16 rows in smem; the copy engine adds them to global memory:
+            // lanes 0..15 one row each (DQ = 1), or lane 0 all 16 rows at once (DQ = 2: the rows
+            // are contiguous in global memory when they span the whole head dim).
             float* sw = sdQ + (wg * 4 + warp) * 16 * SDQ;
-            if (lane < 16) bulk_wait_read();   // the previous tile's rows have been read
+            if (DQ == 2 ? lane == 0 : lane < 16) bulk_wait_read();   // the last tile's rows were read
             __syncwarp();
 #pragma unroll
             for (int j = 0; j < DQ_N / 8; ++j) {
@@ -190,9 +201,15 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
             }
             fence_async_smem();
             __syncwarp();
-            const int row = m0 + warp * 16 + lane;
-            if (lane < 16 && row < I) {
-                bulk_reduce_add_f32(dqb + (long long)row * D + c0, sw + lane * SDQ, DQ_N * 4);
+            const int row = m0 + warp * 16;
+            if (DQ == 2) {
+                const int rows = min(16, I - row);
+                if (lane == 0 && rows > 0) {
+                    bulk_reduce_add_f32(dqb + (long long)row * D, sw, rows * D * 4);
+                    bulk_commit();
+                }
+            } else if (lane < 16 && row + lane < I) {
+                bulk_reduce_add_f32(dqb + (long long)(row + lane) * D + c0, sw + lane * SDQ, DQ_N * 4);
                 bulk_commit();
             }
         } else {
@@ -211,102 +228,41 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
         }
     };
 
-    if (!PIPE) {
-        if (total > 0) load_q_tile(0);
+    if (total > 0) load_q_tile(0);
+    cp_async_commit();
+    for (int it = 0; it < total; ++it) {
+        // Tile `it` has landed, and every warpgroup is done with tile it-1 (its wgmmas were
+        // waited for), so the other stage and the dS^T tile may be refilled: one barrier per
+        // tile here, one for dS^T below.
+        cp_async_wait<0>();
+        fence_async_smem();
+        __syncthreads();
+        if (it + 1 < total) load_q_tile(it + 1);
         cp_async_commit();
-        for (int it = 0; it < total; ++it) {
-            // Tile `it` has landed, and every warpgroup is done with tile it-1 (its wgmmas were
-            // waited for), so the other stage and the dS^T tile may be refilled: one barrier per
-            // tile here, one for dS^T below.
-            cp_async_wait<0>();
-            fence_async_smem();
-            __syncthreads();
-            if (it + 1 < total) load_q_tile(it + 1);
-            cp_async_commit();
-            float st[BM / 2], dpt[BM / 2];
-            issue_sdp(st, dpt, it);
-            wgmma_wait<0>();
-            pin(st);
-            pin(dpt);
-            u32 pa[BM / 16][4], sa[BM / 16][4];
-            to_grads(st, dpt, it, pa, sa);
-            fence_async_smem();
-            __syncthreads();    // all of dS^T is in smem
-            float dq[DQ_N / 2];
-            issue_grads(pa, sa, dq, it);
-            wgmma_wait<0>();
-            pin(dq);
-            pin(dk);
-            pin(dv);
-            pin(pa);
-            pin(sa);
-            store_dq(dq, it);
-        }
-    } else {
-        // Prologue: tiles 0 and 1 in flight (K and V ride with tile 0), P/dS of tile 0 ready.
-        if (total > 0) load_q_tile(0);
-        cp_async_commit();
-        if (total > 1) load_q_tile(1);
-        cp_async_commit();
+        float st[BM / 2], dpt[BM / 2];
+        issue_sdp(st, dpt, it);
+        wgmma_wait<0>();
+        pin(st);
+        pin(dpt);
         u32 pa[BM / 16][4], sa[BM / 16][4];
-        if (total > 0) {
-            cp_async_wait<1>();
-            fence_async_smem();
-            __syncthreads();
-            float st[BM / 2], dpt[BM / 2];
-            issue_sdp(st, dpt, 0);
-            wgmma_wait<0>();
-            pin(st);
-            pin(dpt);
-            to_grads(st, dpt, 0, pa, sa);
-        }
-        // One tile: the fragments of tile `it` are in (pa, sa); those of tile it+1 go to (pn, sn).
-        // The loop below alternates the two register sets (no copies between tiles).
-        auto step = [&](int it, u32 (&pa)[BM / 16][4], u32 (&sa)[BM / 16][4],
-                        u32 (&pn)[BM / 16][4], u32 (&sn)[BM / 16][4]) {
-            // Tile it+1 has landed, dS^T(it) is in smem, and every warpgroup is done with tile
-            // it-1, so its stage may take tile it+2: one barrier per tile.
-            cp_async_wait<0>();
-            fence_async_smem();
-            __syncthreads();
-            if (it + 2 < total) load_q_tile(it + 2);
-            cp_async_commit();
-            float dq[DQ_N / 2];
-            if (it + 1 < total) {
-                // S^T/dP^T(it+1) first, so its exponentials can start while the gradient
-                // products of tile it still run. Straight-line issue/wait (ptxas C7514/C7515).
-                float st[BM / 2], dpt[BM / 2];
-                issue_sdp(st, dpt, it + 1);
-                issue_grads(pa, sa, dq, it);
-                wgmma_wait<1>();
-                pin(st);
-                pin(dpt);
-                to_grads(st, dpt, it + 1, pn, sn);
-                wgmma_wait<0>();
-                pin(pa);
-                pin(sa);
-            } else {
-                issue_grads(pa, sa, dq, it);
-                wgmma_wait<0>();
-                pin(pa);
-                pin(sa);
-            }
-            pin(dq);
-            pin(dk);
-            pin(dv);
-            store_dq(dq, it);
-        };
-        u32 pn[BM / 16][4], sn[BM / 16][4];
-        for (int it = 0; it < total; it += 2) {
-            step(it, pa, sa, pn, sn);
-            if (it + 1 < total) step(it + 1, pn, sn, pa, sa);
-        }
+        to_grads(st, dpt, it, pa, sa);
+        fence_async_smem();
+        __syncthreads();    // all of dS^T is in smem
+        float dq[DQ_N / 2];
+        issue_grads(pa, sa, dq, it);
+        wgmma_wait<0>();
+        pin(dq);
+        pin(dk);
+        pin(dv);
+        pin(pa);
+        pin(sa);
+        store_dq(dq, it);
     }
     cp_async_wait<0>();      // no copy outlives the CTA (total == 0 skips every wait above)
     wgmma_wait<0>();
     pin(dk);
     pin(dv);
-    if (BULK_DQ && lane < 16) bulk_wait();   // smem must outlive the copy engine's reads
+    if (DQ == 2 ? lane == 0 : (BULK_DQ && lane < 16)) bulk_wait();   // smem must outlive the copy engine's reads
 
     // dkhat = scale * dK (fp32: the normalisation backward follows), dV in T.
     float* dkb = dk_out + kv_off;
