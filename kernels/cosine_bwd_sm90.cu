@@ -8,8 +8,9 @@
 // each warpgroup:
 //   S^T = K Q^T, dP^T = V dO^T                      (issue_sdp: wgmma, operands K-major in smem)
 //   P^T = exp2(S^T c + bias - lse), dS^T = P^T (dP^T - delta)   (to_grads: registers; dS^T -> smem)
-//   dV += P^T dO, dK += dS^T Q                      (issue_grads: A from registers, dO/Q MN-major)
-//   dQ  = dS K over a slice                         (issue_grads: dS and K MN-major in smem)
+//   dV += P^T dO, dK += dS^T Q                      (issue_dkdv: A from registers, dO/Q MN-major)
+//   barrier (dS^T of every warpgroup in smem)
+//   dQ  = dS K over a slice                         (issue_dq: dS and K MN-major in smem)
 //   dQ -> global fp32: bulk reduce-add of each warp's rows staged in smem, or atomics
 // dQ slices: d = 128 splits the head dim (warpgroup w: columns 64w.., all 128 keys); d = 64 with
 // BM = 64 splits the keys (warpgroup w: its own 64 keys, all columns). 32 accumulators each.
@@ -121,16 +122,23 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
         const bool check = (causal && n0 + BN - 1 > m0 + (J - I)) || (n0 + BN > J) || mask_b != nullptr;
 #pragma unroll
         for (int kc = 0; kc < BM / 16; ++kc) {
+            // The 4 query columns of this k-chunk: 16 kc + 2t (+1) and 16 kc + 8 + 2t (+1).
+            const float2 l_lo = *reinterpret_cast<const float2*>(Ls + 16 * kc + 2 * t);
+            const float2 l_hi = *reinterpret_cast<const float2*>(Ls + 16 * kc + 8 + 2 * t);
+            const float2 d_lo = *reinterpret_cast<const float2*>(Ds + 16 * kc + 2 * t);
+            const float2 d_hi = *reinterpret_cast<const float2*>(Ds + 16 * kc + 8 + 2 * t);
+            const float nl[4] = {lse_log2(l_lo.x), lse_log2(l_lo.y), lse_log2(l_hi.x), lse_log2(l_hi.y)};
+            const float dl[4] = {d_lo.x, d_lo.y, d_hi.x, d_hi.y};
             float pe[8], se[8];
 #pragma unroll
             for (int u = 0; u < 8; ++u) {
-                const int i = 8 * kc + u;
+                const int i = 8 * kc + u, c = (u >= 4 ? 2 : 0) + (u & 1);
                 const int key = (i & 2) ? key1 : key0;
                 const int qc = (i / 4) * 8 + 2 * t + (i & 1), row = m0 + qc;
                 const float b2 = bias ? bview.log2_at(bi, hq, min(row, I - 1), min(key, J - 1)) : 0.f;
-                float p = fast_exp2(fmaf(st[i], c_scale, b2) - lse_log2(Ls[qc]));
+                float p = fast_exp2(fmaf(st[i], c_scale, b2) - nl[c]);
                 if (check && !key_visible(mask_b, row, key, I, J, causal)) p = 0.f;
-                const float ds = p * (dpt[i] - Ds[qc]);
+                const float ds = p * (dpt[i] - dl[c]);
                 pe[u] = p;
                 se[u] = ds;
                 if (want_dbias && p != 0.f) bgrad.put(bi, hq, row, key, ds);
@@ -155,26 +163,30 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     pin(dk);
     pin(dv);
 
-    // dV += P^T dO, dK += dS^T Q (keys x d; k = queries), dQ = dS K (queries x d; k = keys), for
-    // tile `it` (one commit group). dS^T of the tile must be in smem, fenced, behind a barrier.
-    auto issue_grads = [&](const u32 (&pa)[BM / 16][4], const u32 (&sa)[BM / 16][4],
-                           float (&dq)[DQ_N / 2], int it) {
+    // dV += P^T dO, dK += dS^T Q (keys x d; k = queries) for tile `it`: A from this warpgroup's
+    // registers, so it may be issued before the barrier that publishes dS^T (one commit group).
+    auto issue_dkdv = [&](const u32 (&pa)[BM / 16][4], const u32 (&sa)[BM / 16][4], int it) {
         const unsigned char* Qs = sQ + (it % STAGES) * TILE_Q;
         const unsigned char* Os = sO + (it % STAGES) * TILE_Q;
-        const unsigned char* dS = sdS;
         wgmma_fence();
 #pragma unroll
         for (int kc = 0; kc < BM / 16; ++kc) {
             Wgmma<D, T>::template rs<1>(dv, pa[kc], sw128_desc(Os + kc * 16 * 128, BM * 128, 1024), 1);
             Wgmma<D, T>::template rs<1>(dk, sa[kc], sw128_desc(Qs + kc * 16 * 128, BM * 128, 1024), 1);
         }
+        wgmma_commit();
+    };
+    // dQ = dS K (queries x d; k = keys) over this warpgroup's slice (one commit group); dS^T of
+    // the tile must be in smem, fenced, behind a barrier.
+    auto issue_dq = [&](float (&dq)[DQ_N / 2]) {
         const int key_base = (SPLIT_Q || SPLIT_D) ? 0 : wg * 64;   // first key row of the slice
         const int col_slab = SPLIT_D ? wg : 0;                     // 64-column slab of K
         const int q_slab = SPLIT_Q ? wg : 0;                       // 64-query slab of dS^T
+        wgmma_fence();
 #pragma unroll
         for (int kc = 0; kc < DQ_KEYS / 16; ++kc) {
             const int kr = key_base + kc * 16;
-            Wgmma<DQ_N, T>::template ss<1, 1>(dq, sw128_desc(dS + q_slab * BN * 128 + kr * 128, 1024, 1024),
+            Wgmma<DQ_N, T>::template ss<1, 1>(dq, sw128_desc(sdS + q_slab * BN * 128 + kr * 128, 1024, 1024),
                                               sw128_desc(sK + col_slab * BN * 128 + kr * 128, BN * 128, 1024), kc > 0);
         }
         wgmma_commit();
@@ -246,10 +258,11 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
         pin(dpt);
         u32 pa[BM / 16][4], sa[BM / 16][4];
         to_grads(st, dpt, it, pa, sa);
+        issue_dkdv(pa, sa, it);   // runs while the warpgroups meet at the barrier
         fence_async_smem();
         __syncthreads();    // all of dS^T is in smem
         float dq[DQ_N / 2];
-        issue_grads(pa, sa, dq, it);
+        issue_dq(dq);
         wgmma_wait<0>();
         pin(dq);
         pin(dk);
