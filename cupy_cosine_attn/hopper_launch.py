@@ -14,17 +14,41 @@ from .kernel_build import KernelSpec, get_function
 
 SM90_HEAD_DIMS = (64, 128)
 
+# Tuning knobs (environment): the defaults are the fastest variants measured on an H200
+# (benchmarks/NOTES.md); each knob takes only the values its kernel template is built for.
+_KNOBS = {
+    "CUPY_COSINE_ATTN_SM90_BN": (64, 128),        # forward: keys per tile
+    "CUPY_COSINE_ATTN_SM90_WGS": (1, 2),          # forward: warpgroups (64 query rows each)
+    "CUPY_COSINE_ATTN_SM90_QREG": (0, 1),         # forward: Q in registers for QK^T
+    "CUPY_COSINE_ATTN_SM90_BWD_WGS": (1, 2),      # backward, d = 64: warpgroups (64 keys each)
+    "CUPY_COSINE_ATTN_SM90_BWD_BM": (64, 128),    # backward, d = 64 with 2 warpgroups: queries per step
+    "CUPY_COSINE_ATTN_SM90_DQ": (0, 1, 2),        # backward: dQ by atomics / bulk rows / bulk blocks
+}
+
+
+def _knob(name, default):
+    """The integer value of tuning knob `name`, or `default` when unset; ValueError otherwise."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    allowed = _KNOBS[name]
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value not in allowed:
+        raise ValueError(f"{name}={raw!r} is not supported; use one of {', '.join(map(str, allowed))}")
+    return value
+
 
 def sm90_bn(d):
     """Keys per forward tile (measured on an H200: benchmarks/NOTES.md)."""
-    env = os.environ.get("CUPY_COSINE_ATTN_SM90_BN")
-    return int(env) if env else (128 if d == 64 else 64)
+    return _knob("CUPY_COSINE_ATTN_SM90_BN", 128 if d == 64 else 64)
 
 
 def sm90_wgs(d):
     """Consumer warpgroups (64 query rows each) per forward CTA (measured: benchmarks/NOTES.md)."""
-    env = os.environ.get("CUPY_COSINE_ATTN_SM90_WGS")
-    return int(env) if env else 1
+    return _knob("CUPY_COSINE_ATTN_SM90_WGS", 1)
 
 
 def sm90_enabled():
@@ -44,8 +68,7 @@ def covers(dtype, d, online):
 
 def sm90_qreg(d):
     """Q as register A fragments for QK^T (RS form) in the forward, else from smem (SS form)."""
-    env = os.environ.get("CUPY_COSINE_ATTN_SM90_QREG")
-    return env != "0" if env else True
+    return bool(_knob("CUPY_COSINE_ATTN_SM90_QREG", 1))
 
 
 def forward_spec(ctype, d, bn=None, wgs=None, qreg=None):
@@ -84,23 +107,23 @@ def covers_backward(dtype, d, deterministic):
 
 
 def sm90_bwd_wgs(d):
-    """Warpgroups (64 keys each) per backward CTA (measured: benchmarks/NOTES.md)."""
-    env = os.environ.get("CUPY_COSINE_ATTN_SM90_BWD_WGS")
-    return int(env) if env and d == 64 else 2
+    """Warpgroups (64 keys each) per backward CTA (measured: benchmarks/NOTES.md); d = 128 needs
+    two (its dQ splits the head dim between them)."""
+    wgs = _knob("CUPY_COSINE_ATTN_SM90_BWD_WGS", 2)
+    return wgs if d == 64 else 2
 
 
 def sm90_bwd_bm(d, wgs):
-    """Queries per step of the backward: 128 at d = 64 with two warpgroups, else 64."""
-    env = os.environ.get("CUPY_COSINE_ATTN_SM90_BWD_BM")
-    ok = d == 64 and wgs == 2
-    return (int(env) if env else 128) if ok else 64
+    """Queries per step of the backward: 128 at d = 64 with two warpgroups, else 64 (the only
+    tile the other configurations are built for)."""
+    bm = _knob("CUPY_COSINE_ATTN_SM90_BWD_BM", 128)
+    return bm if d == 64 and wgs == 2 else 64
 
 
 def sm90_dq_mode(d, wgs, bm):
     """How dQ reaches global memory: 0 fp32 atomics, 1 bulk reduce-add per row, 2 per warp block
-    of whole rows (only when a warpgroup holds every column: d = 64)."""
-    env = os.environ.get("CUPY_COSINE_ATTN_SM90_DQ")
-    mode = int(env) if env else 1
+    of whole rows (only when a warpgroup holds every column, d = 64; else 1)."""
+    mode = _knob("CUPY_COSINE_ATTN_SM90_DQ", 1)
     return 1 if mode == 2 and d != 64 else mode
 
 

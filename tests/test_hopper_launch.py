@@ -1,0 +1,66 @@
+"""The Hopper launch layer on CPU: default variants, tuning knobs, shared-memory budgets."""
+import pytest
+
+from cupy_cosine_attn import hopper_launch as hl
+
+KNOBS = ("CUPY_COSINE_ATTN_SM90_BN", "CUPY_COSINE_ATTN_SM90_WGS", "CUPY_COSINE_ATTN_SM90_QREG",
+         "CUPY_COSINE_ATTN_SM90_BWD_WGS", "CUPY_COSINE_ATTN_SM90_BWD_BM", "CUPY_COSINE_ATTN_SM90_DQ")
+SMEM_PER_BLOCK = 227 * 1024          # sm_90 opt-in maximum of dynamic shared memory per block
+
+
+@pytest.fixture(autouse=True)
+def no_knobs(monkeypatch):
+    for name in KNOBS:
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_default_variants_are_the_measured_ones():
+    assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 128, 1, true>"
+    assert hl.forward_spec("__nv_bfloat16", 128).name == "attn_fwd_wgmma<128, __nv_bfloat16, 64, 1, true>"
+    assert hl.backward_spec("__half", 64).name == "attn_bwd_wgmma<64, __half, 1, 2, 128>"
+    assert hl.backward_spec("__nv_bfloat16", 128).name == "attn_bwd_wgmma<128, __nv_bfloat16, 1, 2, 64>"
+
+
+def test_every_default_is_among_the_compiled_variants():
+    names = {s.name for s in hl.specs()}
+    for ct in ("__half", "__nv_bfloat16"):
+        for d in hl.SM90_HEAD_DIMS:
+            assert hl.forward_spec(ct, d).name in names
+            assert hl.backward_spec(ct, d).name in names
+
+
+def test_knobs_select_variants(monkeypatch):
+    monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_BN", "64")
+    monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_QREG", "0")
+    assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 64, 1, false>"
+    monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_BWD_WGS", "1")
+    monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_DQ", "0")
+    # one warpgroup: only the 64-query tile exists
+    assert hl.backward_spec("__half", 64).name == "attn_bwd_wgmma<64, __half, 0, 1, 64>"
+    # d = 128 keeps two warpgroups and whole-row dQ blocks fall back to rows
+    monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_DQ", "2")
+    assert hl.backward_spec("__half", 128).name == "attn_bwd_wgmma<128, __half, 1, 2, 64>"
+
+
+@pytest.mark.parametrize("name", KNOBS)
+@pytest.mark.parametrize("value", ["96", "abc", "-1", "1.5"])
+def test_bad_knob_values_are_refused_by_name(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=name):
+        hl.forward_spec("__half", 64)
+        hl.backward_spec("__half", 64)
+
+
+def test_every_variant_fits_in_shared_memory():
+    for d in hl.SM90_HEAD_DIMS:
+        for bn in (64, 128):
+            for wgs in (1, 2):
+                assert hl.forward_smem(d, bn, wgs) <= SMEM_PER_BLOCK, (d, bn, wgs)
+        for wgs, bm in (((1, 64), (2, 64), (2, 128)) if d == 64 else ((2, 64),)):
+            assert hl.backward_smem(d, wgs, bm) <= SMEM_PER_BLOCK, (d, wgs, bm)
+
+
+def test_one_warpgroup_defaults_leave_room_for_two_ctas_per_sm():
+    # the forward's one-warpgroup CTAs rely on a second CTA per SM to hide their phases
+    for d in hl.SM90_HEAD_DIMS:
+        assert 2 * (hl.forward_smem(d, hl.sm90_bn(d), 1) + 1024) <= 228 * 1024
