@@ -1,12 +1,19 @@
 """SASS of the Hopper kernels: compile each variant to a cubin with NVRTC (sm_90a), disassemble
-with cuobjdump, count the instructions that matter (HGMMA = wgmma on the tensor cores, HMMA =
-mma.sync, MUFU.EX2, local-memory spills LDL/STL, barriers) and report registers. Needs NVRTC and
-cuobjdump (CUDA toolkit); no GPU.
+with cuobjdump or nvdisasm, count the instructions that matter (HGMMA = wgmma on the tensor cores,
+HMMA = mma.sync, MUFU.EX2, local-memory spills LDL/STL, barriers) and report registers. Needs NVRTC
+and cuobjdump or nvdisasm (CUDA toolkit); no GPU.
 
-    python benchmarks/sass_check.py --out DIR
+`tile_window` is the static cost of one tile's elementwise pass: the window of SASS holding as many
+consecutive MUFU.EX2 as one thread computes per tile, with the fewest branches in it (the
+straight-line copy the common tile runs, when the kernel has one): its instruction and branch
+counts.
+
+    python benchmarks/sass_check.py --out DIR [--defaults]
 """
 import argparse
+import bisect
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,30 +44,61 @@ def cubin(spec, arch="sm_90a"):
     return bytes(nvrtc.getCUBIN(prog)) + b"\0", nvrtc.getProgramLog(prog)
 
 
+def exps_per_tile(spec):
+    """Exponentials one thread computes per tile: forward BN/2 (64 rows x BN keys over 128
+    threads), backward BM/2 (64 keys x BM queries)."""
+    args = [a.strip() for a in spec.name[spec.name.index("<") + 1:-1].split(",")]
+    return int(args[2]) // 2 if spec.name.startswith("attn_fwd") else int(args[4]) // 2
+
+
+def tile_window(sass, n):
+    """(branches, instructions) of the fewest-branch SASS window spanning n consecutive MUFU.EX2."""
+    ins = [line for line in sass.splitlines() if re.search(r"/\*[0-9a-f]{4,}\*/", line)]
+    mufu = [i for i, line in enumerate(ins) if "MUFU.EX2" in line]
+    bra = [i for i, line in enumerate(ins) if re.search(r"\bBRA\b", line)]
+    best = None
+    for a in range(len(mufu) - n + 1):
+        s, e = mufu[a], mufu[a + n - 1]
+        cand = (bisect.bisect_left(bra, e) - bisect.bisect_left(bra, s), e - s + 1)
+        best = cand if best is None or cand < best else best
+    return best or (-1, -1)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
+    ap.add_argument("--defaults", action="store_true", help="only the variants a call launches")
     args = ap.parse_args()
     lines = []
-    for spec in hopper_launch.specs():
+    specs = hopper_launch.specs()
+    if args.defaults:
+        specs = [f(ct, d) for f in (hopper_launch.forward_spec, hopper_launch.backward_spec)
+                 for ct in ("__half", "__nv_bfloat16") for d in hopper_launch.SM90_HEAD_DIMS]
+    for spec in specs:
         data, log = cubin(spec)
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(data)
             f.flush()
             sass = ""
             for tool in (["cuobjdump", "-sass"], ["nvdisasm", "-c"]):   # cuobjdump may reject NVRTC cubins
+                if not shutil.which(tool[0]):
+                    continue
                 res = subprocess.run(tool + [f.name], capture_output=True, text=True)
                 sass = res.stdout
                 if "HGMMA" in sass or "HMMA" in sass:
                     break
                 print(tool[0], res.returncode, res.stderr[:300])
         counts = {c: len(re.findall(r"\b" + re.escape(c) + r"\b", sass)) for c in COUNT}
+        # every SASS instruction line carries its offset comment: /*0a40*/
+        counts["instructions"] = len(re.findall(r"/\*[0-9a-f]{4,}\*/", sass))
+        counts["tile_window_branches"], counts["tile_window"] = tile_window(sass, exps_per_tile(spec))
         regs = re.findall(r"Used (\d+) registers", log)
         spill = re.findall(r"(\d+) bytes spill stores", log)
         line = (f"{spec.name:45s} regs={regs[-1] if regs else '?'} spill_st={spill[-1] if spill else '?'} "
                 + " ".join(f"{k}={v}" for k, v in counts.items()))
         print(line, flush=True)
         lines.append(line)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, "sass_sm90.txt").write_text("\n".join(lines) + "\n")
 
 
