@@ -2,10 +2,10 @@
 // cosine_bwd.cu (dK, dV written once; dQ and broadcast-bias gradients added in fp32), on wgmma.
 // The deterministic dQ pass stays on the sm_80 kernels.
 //
-// One CTA = WGS warpgroups of 64 keys each (WGS = 1 at d = 64: two CTAs per SM); K and V stay in
-// 128B-swizzled smem (sm90.cuh). The CTA walks the query tiles (64 rows) of every query head of
-// its k/v head (BM rows each), Q, dO, lse and delta double-buffered with cp.async. Per query tile,
-// each warpgroup:
+// One CTA = WGS warpgroups of 64 keys each (defaults: 2 at both head dims; WGS = 1 fits two CTAs
+// per SM); K and V stay in 128B-swizzled smem (sm90.cuh). The CTA walks the query tiles (BM rows:
+// 128 at d = 64, 64 at d = 128) of every query head of its k/v head, Q, dO, lse and delta
+// double-buffered with cp.async. Per query tile, each warpgroup:
 //   S^T = K Q^T, dP^T = V dO^T                      (issue_sdp: wgmma, operands K-major in smem)
 //   P^T = exp2(S^T c + bias - lse), dS^T = P^T (dP^T - delta)   (to_grads: registers; dS^T -> smem)
 //   dV += P^T dO, dK += dS^T Q                      (issue_dkdv: A from registers, dO/Q MN-major)
