@@ -1,0 +1,59 @@
+"""Do two checkouts compile to the same machine code? Compiles every Hopper variant from each with
+this machine's NVRTC (sm_90a, no GPU needed), disassembles with nvdisasm and compares the SASS text
+(the cubins themselves carry a few bytes that differ from compile to compile).
+
+    git worktree add /tmp/tested <commit that ran on the GPU>
+    python benchmarks/compare_sass.py /tmp/tested .
+
+Used to show that source edits made after a GPU run (comments, launch-layer code) leave the
+tested kernels unchanged.
+"""
+import argparse
+import hashlib
+import importlib
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+
+def sass_digests(root):
+    """{variant name: sha256 of its SASS} for every Hopper variant of the checkout at `root`."""
+    root = str(Path(root).resolve())
+    for name in [m for m in sys.modules if m.startswith("cupy_cosine_attn")]:
+        del sys.modules[name]
+    sys.path.insert(0, root)
+    try:
+        kb = importlib.import_module("cupy_cosine_attn.kernel_build")
+        hl = importlib.import_module("cupy_cosine_attn.hopper_launch")
+        assert kb.__file__.startswith(root), f"imported {kb.__file__}, not from {root}"
+        out = {}
+        for spec in hl.specs():
+            cubin = kb._compile(spec, "sm_90a")[0] + b"\0"   # CuPy's getCUBIN drops the last byte
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(cubin)
+                f.flush()
+                sass = subprocess.run(["nvdisasm", "-c", f.name], capture_output=True, text=True,
+                                      check=True).stdout
+            out[spec.name] = hashlib.sha256(sass.encode()).hexdigest()
+        return out
+    finally:
+        sys.path.remove(root)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("old")
+    ap.add_argument("new")
+    a = ap.parse_args()
+    old, new = sass_digests(a.old), sass_digests(a.new)
+    differ = sorted(k for k in old.keys() & new.keys() if old[k] != new[k])
+    print(f"variants: {len(old)} old, {len(new)} new, {len(old.keys() & new.keys())} in both")
+    print(f"only old: {sorted(old.keys() - new.keys())}")
+    print(f"only new: {sorted(new.keys() - old.keys())}")
+    print(f"SASS differs: {differ if differ else 'none'}")
+    return 1 if differ or old.keys() != new.keys() else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
