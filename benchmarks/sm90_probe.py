@@ -107,6 +107,15 @@ def truth(dtype, q, k, v, mask, bias, causal, scale):
     return o, lse
 
 
+def launch_sm80(source, name, smem, blocks, args):
+    """Launch an sm_80 kernel of the package (128 threads per CTA) on `blocks` CTAs with `smem`
+    bytes of dynamic shared memory (the opt-in attribute set when above the 48 KiB default)."""
+    fn = get_function(KernelSpec(source, name))
+    if smem > 48 * 1024:
+        fn.max_dynamic_shared_size_bytes = smem
+    fn((blocks,), (128,), args, shared_mem=smem)
+
+
 def run(kind, dtype, q, k, v, mask, bias, causal, scale, bn=None, wgs=2, qreg=None):
     b, h, i, d = q.shape
     hk, j = k.shape[1], k.shape[2]
@@ -131,11 +140,8 @@ def run(kind, dtype, q, k, v, mask, bias, causal, scale, bn=None, wgs=2, qreg=No
         hopper_launch.launch(ct, d, args, b, h, i, bn=bn, wgs=wgs, qreg=qreg)
     else:
         dp = padded_dim(dtype, d)
-        fn = get_function(KernelSpec("cosine_fwd.cu", f"attn_fwd_mma<{dp}, {ct}, false, 4>"))
-        smem = (64 + 4 * MMA_BN) * (dp + 8) * 2
-        if smem > 48 * 1024:
-            fn.max_dynamic_shared_size_bytes = smem
-        fn((b * h * (-(-i // 64)),), (128,), args, shared_mem=smem)
+        launch_sm80("cosine_fwd.cu", f"attn_fwd_mma<{dp}, {ct}, false, 4>",
+                    (64 + 4 * MMA_BN) * (dp + 8) * 2, b * h * (-(-i // 64)), args)
     return out, lse
 
 
@@ -218,10 +224,9 @@ def run_bwd(kind, dtype, q, k, v, dout, lse, delta, mask, bias, causal, scale, d
         hopper_launch.launch_backward(ct, d, args, b, hk, j, dq=dqm, wgs=wgs, bm=bm)
     else:
         dp = padded_dim(dtype, d)
-        fn = get_function(KernelSpec("cosine_bwd.cu", f"attn_bwd_kv_mma<{dp}, {ct}, true>"))
-        smem = (2 * 64 + 4 * 64) * (dp + 8) * 2 + 64 * 72 * 2 + 4 * 64 * 4
-        fn.max_dynamic_shared_size_bytes = smem
-        fn((b * hk * (-(-j // 64)),), (128,), args, shared_mem=smem)
+        launch_sm80("cosine_bwd.cu", f"attn_bwd_kv_mma<{dp}, {ct}, true>",
+                    (2 * 64 + 4 * 64) * (dp + 8) * 2 + 64 * 72 * 2 + 4 * 64 * 4,
+                    b * hk * (-(-j // 64)), args)
     return dq, dk, dv, dbias
 
 
