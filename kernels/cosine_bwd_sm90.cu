@@ -68,7 +68,6 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     const unsigned char* mask_b = mask ? mask + (long long)bi * J : nullptr;
     const BiasView<T> bview{bias, bias_sb, bias_sh, bias_si};
     const BiasGrad<T> bgrad{dbias, dbias_acc, bias_sb, bias_sh, bias_si};
-    const bool want_dbias = bias != nullptr;
 
     // Query rows that see some key of this tile (causal: r >= n0 - (J - I)).
     const int m_first = causal ? max(0, n0 - (J - I)) : 0;
@@ -113,13 +112,18 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     // P^T and dS^T of tile `it` as 16-bit A fragments, dS^T also to its smem tile. Element i of
     // st/dpt: key row (i & 2 ? key1 : key0), query column m0 + 8(i/4) + 2t + (i&1).
     const int key0 = n0 + wg * 64 + warp * 16 + g, key1 = key0 + 8;   // this thread's key rows
-    auto to_grads = [&](const float (&st)[BM / 2], const float (&dpt)[BM / 2], int it,
-                        u32 (&pa)[BM / 16][4], u32 (&sa)[BM / 16][4]) {
+    // P^T and dS^T of tile `it` as 16-bit A fragments, dS^T also to its smem tile. Element i of
+    // st/dpt: key row (i & 2 ? key1 : key0), query column m0 + 8(i/4) + 2t + (i&1). HAS_BIAS and
+    // CHECK (per-key visibility tests) are literals at every call, so each inlined copy is
+    // specialised: the common tile (no bias, no mask, not on the causal diagonal) runs
+    // straight-line code.
+    auto to_grads_as = [&](const bool HAS_BIAS, const bool CHECK, const float (&st)[BM / 2],
+                           const float (&dpt)[BM / 2], int it, u32 (&pa)[BM / 16][4],
+                           u32 (&sa)[BM / 16][4]) {
         const int hq = head_of(it), m0 = row0_of(it);
         const float* Ls = sL + (it % STAGES) * BM;
         const float* Ds = sDl + (it % STAGES) * BM;
         unsigned char* dS = sdS;
-        const bool check = (causal && n0 + BN - 1 > m0 + (J - I)) || (n0 + BN > J) || mask_b != nullptr;
 #pragma unroll
         for (int kc = 0; kc < BM / 16; ++kc) {
             // The 4 query columns of this k-chunk: 16 kc + 2t (+1) and 16 kc + 8 + 2t (+1).
@@ -135,13 +139,18 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
                 const int i = 8 * kc + u, c = (u >= 4 ? 2 : 0) + (u & 1);
                 const int key = (i & 2) ? key1 : key0;
                 const int qc = (i / 4) * 8 + 2 * t + (i & 1), row = m0 + qc;
-                const float b2 = bias ? bview.log2_at(bi, hq, min(row, I - 1), min(key, J - 1)) : 0.f;
-                float p = fast_exp2(fmaf(st[i], c_scale, b2) - nl[c]);
-                if (check && !key_visible(mask_b, row, key, I, J, causal)) p = 0.f;
+                float x = st[i] * c_scale - nl[c];
+                if (HAS_BIAS) x += bview.log2_at(bi, hq, min(row, I - 1), min(key, J - 1));
+                float p = fast_exp2(x);
+                if (CHECK) {
+                    if (!key_visible(mask_b, row, key, I, J, causal)) p = 0.f;
+                }
                 const float ds = p * (dpt[i] - dl[c]);
                 pe[u] = p;
                 se[u] = ds;
-                if (want_dbias && p != 0.f) bgrad.put(bi, hq, row, key, ds);
+                if (HAS_BIAS) {
+                    if (p != 0.f) bgrad.put(bi, hq, row, key, ds);
+                }
             }
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
@@ -155,6 +164,13 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
             *reinterpret_cast<u32*>(dS + sw128_offset<BN>(kl0, qc0 + 8)) = sa[kc][2];
             *reinterpret_cast<u32*>(dS + sw128_offset<BN>(kl0 + 8, qc0 + 8)) = sa[kc][3];
         }
+    };
+    auto to_grads = [&](const float (&st)[BM / 2], const float (&dpt)[BM / 2], int it,
+                        u32 (&pa)[BM / 16][4], u32 (&sa)[BM / 16][4]) {
+        const int m0 = row0_of(it);
+        const bool check = (causal && n0 + BN - 1 > m0 + (J - I)) || (n0 + BN > J) || mask_b != nullptr;
+        if (bias != nullptr || check) to_grads_as(bias != nullptr, true, st, dpt, it, pa, sa);
+        else to_grads_as(false, false, st, dpt, it, pa, sa);
     };
 
     float dk[D / 2], dv[D / 2];
