@@ -55,6 +55,9 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     unsigned char* sdS = sO + STAGES * TILE_Q;      // dS^T: keys x queries, sw128
     float* sL = reinterpret_cast<float*>(sdS + TILE_DS);             // STAGES x BM: lse
     float* sDl = sL + STAGES * BM;                                   // STAGES x BM: delta
+    // Shared addresses >> 4 of the wgmma operand tiles, for their descriptors (sw128_desc_at).
+    const u32 k4 = smem_addr(sK) >> 4, v4 = smem_addr(sV) >> 4, q4 = smem_addr(sQ) >> 4;
+    const u32 o4 = smem_addr(sO) >> 4, ds4 = smem_addr(sdS) >> 4;
     constexpr int SDQ = DQ == 2 ? D : DQ_N + 8;    // fp32 row of a staged dQ slice (padded for DQ 1)
     float* sdQ = sDl + STAGES * BM;                                  // BULK_DQ: per warp 16 x SDQ
 
@@ -96,15 +99,14 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
 
     // S^T, dP^T of tile `it`: this warpgroup's 64 keys x BM queries (one commit group).
     auto issue_sdp = [&](float (&st)[BM / 2], float (&dpt)[BM / 2], int it) {
-        const unsigned char* Qs = sQ + (it % STAGES) * TILE_Q;
-        const unsigned char* Os = sO + (it % STAGES) * TILE_Q;
+        const int so = (it % STAGES) * TILE_Q;
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
             const int a_off = (kk / 4) * BN * 128 + wg * 64 * 128 + (kk % 4) * 32;
-            const int b_off = (kk / 4) * BM * 128 + (kk % 4) * 32;
-            Wgmma<BM, T>::ss(st, sw128_desc(sK + a_off, 16, 1024), sw128_desc(Qs + b_off, 16, 1024), kk > 0);
-            Wgmma<BM, T>::ss(dpt, sw128_desc(sV + a_off, 16, 1024), sw128_desc(Os + b_off, 16, 1024), kk > 0);
+            const int b_off = so + (kk / 4) * BM * 128 + (kk % 4) * 32;
+            Wgmma<BM, T>::ss(st, sw128_desc_at<16, 1024>(k4, a_off), sw128_desc_at<16, 1024>(q4, b_off), kk > 0);
+            Wgmma<BM, T>::ss(dpt, sw128_desc_at<16, 1024>(v4, a_off), sw128_desc_at<16, 1024>(o4, b_off), kk > 0);
         }
         wgmma_commit();
     };
@@ -182,13 +184,12 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     // dV += P^T dO, dK += dS^T Q (keys x d; k = queries) for tile `it`: A from this warpgroup's
     // registers, so it may be issued before the barrier that publishes dS^T (one commit group).
     auto issue_dkdv = [&](const u32 (&pa)[BM / 16][4], const u32 (&sa)[BM / 16][4], int it) {
-        const unsigned char* Qs = sQ + (it % STAGES) * TILE_Q;
-        const unsigned char* Os = sO + (it % STAGES) * TILE_Q;
+        const int so = (it % STAGES) * TILE_Q;
         wgmma_fence();
 #pragma unroll
         for (int kc = 0; kc < BM / 16; ++kc) {
-            Wgmma<D, T>::template rs<1>(dv, pa[kc], sw128_desc(Os + kc * 16 * 128, BM * 128, 1024), 1);
-            Wgmma<D, T>::template rs<1>(dk, sa[kc], sw128_desc(Qs + kc * 16 * 128, BM * 128, 1024), 1);
+            Wgmma<D, T>::template rs<1>(dv, pa[kc], sw128_desc_at<BM * 128, 1024>(o4, so + kc * 16 * 128), 1);
+            Wgmma<D, T>::template rs<1>(dk, sa[kc], sw128_desc_at<BM * 128, 1024>(q4, so + kc * 16 * 128), 1);
         }
         wgmma_commit();
     };
@@ -202,8 +203,8 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
 #pragma unroll
         for (int kc = 0; kc < DQ_KEYS / 16; ++kc) {
             const int kr = key_base + kc * 16;
-            Wgmma<DQ_N, T>::template ss<1, 1>(dq, sw128_desc(sdS + q_slab * BN * 128 + kr * 128, 1024, 1024),
-                                              sw128_desc(sK + col_slab * BN * 128 + kr * 128, BN * 128, 1024), kc > 0);
+            Wgmma<DQ_N, T>::template ss<1, 1>(dq, sw128_desc_at<1024, 1024>(ds4, q_slab * BN * 128 + kr * 128),
+                                              sw128_desc_at<BN * 128, 1024>(k4, col_slab * BN * 128 + kr * 128), kc > 0);
         }
         wgmma_commit();
     };

@@ -45,6 +45,17 @@ __device__ __forceinline__ unsigned long long sw128_desc(const void* smem, int l
            ((unsigned long long)((sbo >> 4) & 0x3FFF) << 32) | (1ull << 62);
 }
 
+// The same descriptor for a tile whose shared-memory address >> 4 (`base4`, computed once) is
+// known: `bytes` on from there (a multiple of 16). The address field stays below 2^14 (shared
+// memory is under 256 KiB), so the constant fields go in with the same add: one IADD per wgmma
+// operand in the unrolled loops instead of a mask, shift and or.
+template <int LBO, int SBO>
+__device__ __forceinline__ unsigned long long sw128_desc_at(u32 base4, int bytes) {
+    const u32 lo = base4 + (u32)(bytes >> 4) + ((u32)((LBO >> 4) & 0x3FFF) << 16);
+    const u32 hi = (u32)((SBO >> 4) & 0x3FFF) | (1u << 30);
+    return ((unsigned long long)hi << 32) | lo;
+}
+
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N> __device__ __forceinline__ void wgmma_wait() {
