@@ -2,8 +2,8 @@
 # One device call while tuning the Hopper kernels: the probe (every variant under test against a
 # float64 truth and the sm80 kernels, then kernel-only speed beside SDPA flash/cuDNN), then the GPU
 # suite with GPU tests required. If the probe finds a wrong variant, the suite runs with the
-# previous kernel variants, so the rest of the package is still checked. BENCH="cli args" then
-# runs the benchmark CLI.
+# environment FALLBACK_ENV ("NAME=value ..." selecting the previous variants), so the rest of the
+# package is still checked. BENCH="cli args" then runs the benchmark CLI.
 #   OUT=dir PROBE_ARGS="..." bash benchmarks/gpu_round.sh
 set -uo pipefail
 OUT=${OUT:-gpu_logs}; mkdir -p "$OUT"
@@ -12,8 +12,8 @@ timeout ${PROBE_TIMEOUT:-240} python3 benchmarks/sm90_probe.py --out "$OUT" ${PR
 echo "probe exit $?"; grep -E "FAIL|CORRECTNESS|Error|error" "$OUT/probe.txt" | head -20
 grep -E "^  dtype=" "$OUT/probe.txt"
 if ! grep -q "CORRECTNESS ALL OK" "$OUT/probe.txt"; then
-  echo "probe not clean: suite with the previous kernel variants"
-  export CUPY_COSINE_ATTN_SM90_BWD_WGS=1 CUPY_COSINE_ATTN_SM90_BWD_BM=64 CUPY_COSINE_ATTN_SM90_QREG=0
+  echo "probe not clean: suite with the previous kernel variants (${FALLBACK_ENV:-none})"
+  [ -n "${FALLBACK_ENV:-}" ] && export ${FALLBACK_ENV}
 fi
 [ "${SUITE:-1}" = 1 ] && TEST_TIMEOUT=${TEST_TIMEOUT:-240} TAIL=8 bash "$(dirname "$0")/gpu_check.sh" ${SUITE_TESTS:-tests/test_gpu_forward.py tests/test_gpu_backward.py tests/test_gpu_torch.py tests/test_gpu_graphs.py tests/test_gpu_sm80_path.py tests/test_torch_ops.py}
 if [ "${SAN:-0}" = 1 ]; then

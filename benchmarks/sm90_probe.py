@@ -33,7 +33,9 @@ def own_get_function(spec):
     from cupy_cosine_attn.kernel_build import read_source
     key = spec
     if key not in _FUNCS:
-        opts = ("-std=c++17",) + tuple(spec.options) + (("-arch=sm_90a",) if spec.is_hopper else ())
+        # CATTN_MBAR_TIMEOUT: a TMA phase that never completes traps instead of hanging the call
+        opts = (("-std=c++17", "-DCATTN_MBAR_TIMEOUT") + tuple(spec.options)
+                + (("-arch=sm_90a",) if spec.is_hopper else ()))
         mod = cp.RawModule(code=read_source(spec.source), options=opts, name_expressions=[spec.name])
         _FUNCS[key] = mod.get_function(spec.name)
     return _FUNCS[key]
@@ -116,7 +118,7 @@ def launch_sm80(source, name, smem, blocks, args):
     fn((blocks,), (128,), args, shared_mem=smem)
 
 
-def run(kind, dtype, q, k, v, mask, bias, causal, scale, bn=None, wgs=2, qreg=None):
+def run(kind, dtype, q, k, v, mask, bias, causal, scale, bn=None, wgs=2, qreg=None, tma=None):
     b, h, i, d = q.shape
     hk, j = k.shape[1], k.shape[2]
     out = cp.full(q.shape, cp.nan, dtype=cp.float16) if dtype == "float16" else cp.full(q.shape, -1, dtype=cp.int16)
@@ -137,7 +139,7 @@ def run(kind, dtype, q, k, v, mask, bias, causal, scale, bn=None, wgs=2, qreg=No
             np.int32(causal), np.float32(scale * math.log2(math.e)), np.float32(shift * math.log2(math.e)))
     ct = CTYPE[dtype]
     if kind == "sm90":
-        hopper_launch.launch(ct, d, args, b, h, i, bn=bn, wgs=wgs, qreg=qreg)
+        hopper_launch.launch(ct, d, args, b, h, i, bn=bn, wgs=wgs, qreg=qreg, use_tma=tma)
     else:
         dp = padded_dim(dtype, d)
         launch_sm80("cosine_fwd.cu", f"attn_fwd_mma<{dp}, {ct}, false, 4>",
@@ -165,14 +167,14 @@ CASES = [  # b, h, hk, i, j, causal, masked, biased
 ]
 
 
-def correctness(dtype, d, bn, results, qreg=None):
+def correctness(dtype, d, bn, results, qreg=None, tma=None):
     ok = True
     for ci, (b, h, hk, i, j, causal, masked, biased) in enumerate(CASES):
         q, k, v, mask, bias = make_case(dtype, b, h, hk, i, j, d, causal, masked, biased, 100 + ci)
         if dtype == "float16" and bias is not None:
             continue   # fixed-shift window too narrow for fp16 with this bias; the suite covers it
         o_ref, lse_ref = truth(dtype, q, k, v, mask, bias, causal, 8.0)
-        o90, l90 = run("sm90", dtype, q, k, v, mask, bias, causal, 8.0, bn, WGS_UNDER_TEST[0], qreg)
+        o90, l90 = run("sm90", dtype, q, k, v, mask, bias, causal, 8.0, bn, WGS_UNDER_TEST[0], qreg, tma)
         o80, l80 = run("sm80", dtype, q, k, v, mask, bias, causal, 8.0)
         cp.cuda.Device().synchronize()
         o90_64, o80_64 = to64(o90, dtype), to64(o80, dtype)
@@ -181,9 +183,9 @@ def correctness(dtype, d, bn, results, qreg=None):
         el90, el80 = rel(l90.astype(cp.float64), lse_ref), rel(l80.astype(cp.float64), lse_ref)
         good = (not nan90) and e90 <= max(1.5 * e80, 2e-3) and el90 <= max(1.5 * el80, 1e-5)
         ok &= good
-        results.append(dict(dtype=dtype, d=d, bn=bn, qreg=qreg, case=CASES[ci], err_sm90=e90, err_sm80=e80,
+        results.append(dict(dtype=dtype, d=d, bn=bn, qreg=qreg, tma=tma, case=CASES[ci], err_sm90=e90, err_sm80=e80,
                             lse_err_sm90=el90, lse_err_sm80=el80, nan=nan90, ok=good))
-        log(f"  {dtype} d{d} bn{bn} qreg{qreg} case{ci} {CASES[ci]}: out err sm90 {e90:.2e} sm80 {e80:.2e} | "
+        log(f"  {dtype} d{d} bn{bn} qreg{qreg} tma{tma} case{ci} {CASES[ci]}: out err sm90 {e90:.2e} sm80 {e80:.2e} | "
             f"lse {el90:.2e} {el80:.2e} nan={nan90} {'OK' if good else 'FAIL'}")
     return ok
 
@@ -284,7 +286,8 @@ def timeit(fn, reps=20):
     return min(best) * 1e-3
 
 
-def speed(dtype, d, bns, ns, results, bwd_only=False, wgss=(1, 2), qregs=(False,), quick=False):
+def speed(dtype, d, bns, ns, results, bwd_only=False, wgss=(1, 2), qregs=(False,), quick=False,
+          tmas=(True,)):
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import sdpa_kernel, SDPBackend
@@ -317,7 +320,8 @@ def speed(dtype, d, bns, ns, results, bwd_only=False, wgss=(1, 2), qregs=(False,
             for bn in [b or hopper_launch.sm90_bn(d) for b in bns]:
                 for wgs in wgss:
                     for qr in qregs:
-                        row[f"sm90_bn{bn}_w{wgs}{'_qreg' if qr else ''}"] = flops / timeit(lambda: run("sm90", dtype, q, k, v, None, None, causal, 8.0, bn, wgs, qr)) / 1e12
+                        for tm in tmas:
+                            row[f"sm90_bn{bn}_w{wgs}{'_qreg' if qr else ''}{'_tma' if tm else ''}"] = flops / timeit(lambda: run("sm90", dtype, q, k, v, None, None, causal, 8.0, bn, wgs, qr, tm)) / 1e12
             tq = torch.from_dlpack(q).view(tdt) if dtype != "float16" else torch.from_dlpack(q)
             tk = torch.from_dlpack(k).view(tdt) if dtype != "float16" else torch.from_dlpack(k)
             tv = torch.from_dlpack(v).view(tdt) if dtype != "float16" else torch.from_dlpack(v)
@@ -350,7 +354,8 @@ def main():
     ap.add_argument("--speed-dtypes", default="bfloat16")
     ap.add_argument("--bwd-only", action="store_true", help="check and time the backward only")
     ap.add_argument("--wgs", default="1,2", help="forward warpgroups per CTA to check and time")
-    ap.add_argument("--qregs", default="0", help="forward Q-in-registers settings (0,1) to check and time")
+    ap.add_argument("--qregs", default="1", help="forward Q-in-registers settings (0,1) to check and time")
+    ap.add_argument("--tmas", default="1", help="forward TMA-load settings (0,1) to check and time")
     ap.add_argument("--quick", action="store_true", help="time only the sm90 variants and the peers")
     args = ap.parse_args()
     out = Path(args.out)
@@ -358,6 +363,7 @@ def main():
     bns = [int(x) for x in args.bns.split(",")]
     wgss = [int(x) for x in args.wgs.split(",")]
     qregs = [x == "1" for x in args.qregs.split(",")]
+    tmas = [x == "1" for x in args.tmas.split(",")]
     res = dict(correct=[], speed=[], compile=[])
     dev = cp.cuda.runtime.getDeviceProperties(0)
     log("device", dev["name"].decode(), "cc", cp.cuda.Device().compute_capability, "cupy", cp.__version__)
@@ -367,7 +373,7 @@ def main():
             for bn in ([] if args.bwd_only else [b or hopper_launch.sm90_bn(d) for b in bns]):
                 t0 = time.time()
                 try:
-                    get_function(hopper_launch.forward_spec(CTYPE[dtype], d, bn, wgss[0], qregs[0]))
+                    get_function(hopper_launch.forward_spec(CTYPE[dtype], d, bn, wgss[0], qregs[0], tmas[0]))
                 except Exception as ex:  # noqa: BLE001
                     log("COMPILE FAIL", dtype, d, bn, str(ex)[:2000])
                     all_ok = False
@@ -376,9 +382,14 @@ def main():
                 log(f"compiled {dtype} d{d} bn{bn} in {time.time() - t0:.1f} s")
                 for wgs in wgss:
                     for qr in qregs:
-                        WGS_UNDER_TEST[0] = wgs
-                        log(f" wgs={wgs} qreg={qr}")
-                        all_ok &= correctness(dtype, d, bn, res["correct"], qr)
+                        for tm in tmas:
+                            WGS_UNDER_TEST[0] = wgs
+                            log(f" wgs={wgs} qreg={qr} tma={tm}")
+                            try:
+                                all_ok &= correctness(dtype, d, bn, res["correct"], qr, tm)
+                            except Exception as ex:  # noqa: BLE001
+                                log("FWD FAIL", dtype, d, bn, wgs, qr, tm, repr(ex)[:2000])
+                                all_ok = False
             try:
                 all_ok &= bwd_correctness(dtype, d, res["correct"])
             except Exception as ex:  # noqa: BLE001
@@ -391,7 +402,7 @@ def main():
     for dtype in args.speed_dtypes.split(","):
         for d in dims:
             speed(dtype, d, bns, [int(x) for x in args.ns.split(",")], res["speed"], args.bwd_only,
-                  wgss, qregs, args.quick)
+                  wgss, qregs, args.quick, tmas)
     (out / "sm90_probe.json").write_text(json.dumps(res, indent=1, default=str))
     (out / "sm90_probe.log").write_text("\n".join(LOG) + "\n")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+from . import tma
 from .kernel_build import KernelSpec, get_function
 
 SM90_HEAD_DIMS = (64, 128)
@@ -20,6 +21,7 @@ _KNOBS = {
     "CUPY_COSINE_ATTN_SM90_BN": (64, 128),        # forward: keys per tile
     "CUPY_COSINE_ATTN_SM90_WGS": (1, 2),          # forward: warpgroups (64 query rows each)
     "CUPY_COSINE_ATTN_SM90_QREG": (0, 1),         # forward: Q in registers for QK^T
+    "CUPY_COSINE_ATTN_SM90_TMA": (0, 1),          # forward: K/V tiles by TMA (else cp.async)
     "CUPY_COSINE_ATTN_SM90_BWD_WGS": (1, 2),      # backward, d = 64: warpgroups (64 keys each)
     "CUPY_COSINE_ATTN_SM90_BWD_BM": (64, 128),    # backward, d = 64 with 2 warpgroups: queries per step
     "CUPY_COSINE_ATTN_SM90_DQ": (0, 1, 2),        # backward: dQ by atomics / bulk rows / bulk blocks
@@ -71,34 +73,52 @@ def sm90_qreg(d):
     return bool(_knob("CUPY_COSINE_ATTN_SM90_QREG", 1))
 
 
-def forward_spec(ctype, d, bn=None, wgs=None, qreg=None):
+def sm90_tma(d):
+    """K and V tiles brought in by TMA (one issuing thread, mbarriers), else cp.async by all."""
+    return bool(_knob("CUPY_COSINE_ATTN_SM90_TMA", 1))
+
+
+def _cpp_bool(flag):
+    return "true" if flag else "false"
+
+
+def forward_spec(ctype, d, bn=None, wgs=None, qreg=None, use_tma=None):
     bn = sm90_bn(d) if bn is None else bn
     wgs = sm90_wgs(d) if wgs is None else wgs
     qreg = sm90_qreg(d) if qreg is None else qreg
+    use_tma = sm90_tma(d) if use_tma is None else use_tma
     return KernelSpec("cosine_fwd_sm90.cu",
-                      f"attn_fwd_wgmma<{d}, {ctype}, {bn}, {wgs}, {'true' if qreg else 'false'}>",
+                      f"attn_fwd_wgmma<{d}, {ctype}, {bn}, {wgs}, {_cpp_bool(qreg)}, {_cpp_bool(use_tma)}>",
                       hopper=True)
 
 
 def forward_smem(d, bn, wgs):
-    # Q tile + 2-stage K and V rings, plus 1 KiB to align the swizzled tiles to 1024 bytes.
-    return 64 * wgs * d * 2 + 4 * bn * d * 2 + 1024
+    # Q tile + 2-stage K and V rings + 4 mbarriers, plus 1 KiB to align the swizzled tiles to
+    # 1024 bytes.
+    return 64 * wgs * d * 2 + 4 * bn * d * 2 + 32 + 1024
 
 
 _SMEM_SET = {}
 
 
-def launch(ctype, d, args, b, h, i, bn=None, wgs=None, qreg=None):
-    """Launch the Hopper forward with attn_fwd_mma's argument tuple."""
+def launch(ctype, d, args, b, h, i, bn=None, wgs=None, qreg=None, use_tma=None):
+    """Launch the Hopper forward with attn_fwd_mma's argument tuple (plus the K and V tensor
+    maps it makes when the variant loads by TMA)."""
     bn = sm90_bn(d) if bn is None else bn
     wgs = sm90_wgs(d) if wgs is None else wgs
-    fn = get_function(forward_spec(ctype, d, bn, wgs, qreg))
+    use_tma = sm90_tma(d) if use_tma is None else use_tma
+    fn = get_function(forward_spec(ctype, d, bn, wgs, qreg, use_tma))
+    if use_tma:
+        k, v, hk, j = args[1], args[2], int(args[12]), int(args[14])
+        maps = (tma.rows_map(k.data.ptr, b * hk, j, d, bn), tma.rows_map(v.data.ptr, b * hk, j, d, bn))
+    else:
+        maps = (tma.ZERO_MAP, tma.ZERO_MAP)
     smem = forward_smem(d, bn, wgs)
     if _SMEM_SET.get(id(fn), 0) < smem:      # once per kernel, before any graph capture
         fn.max_dynamic_shared_size_bytes = smem
         _SMEM_SET[id(fn)] = smem
     grid = (b * h * (-(-i // (64 * wgs))),)
-    fn(grid, (128 * wgs,), args, shared_mem=smem)
+    fn(grid, (128 * wgs,), args + maps, shared_mem=smem)
 
 
 def covers_backward(dtype, d, deterministic):
@@ -162,8 +182,9 @@ def launch_backward(ctype, d, args, b, hk, j, dq=None, wgs=None, bm=None):
 def specs():
     """Every Hopper variant (for warm-up and the CI compile check, sm_90a only)."""
     cts = ("__half", "__nv_bfloat16")
-    return ([forward_spec(ct, d, bn, wgs, qreg) for ct in cts for d in SM90_HEAD_DIMS
-             for bn in (64, 128) for wgs in (1, 2) for qreg in (True, False)]
+    return ([forward_spec(ct, d, bn, wgs, qreg, use_tma) for ct in cts for d in SM90_HEAD_DIMS
+             for bn in (64, 128) for wgs in (1, 2) for qreg in (True, False)
+             for use_tma in (True, False)]
             + [backward_spec(ct, d, dq, wgs, bm) for ct in cts for d in SM90_HEAD_DIMS
                for (wgs, bm) in (((1, 64), (2, 64), (2, 128)) if d == 64 else ((2, 64),))
                for dq in ((0, 1, 2) if d == 64 else (0, 1))])

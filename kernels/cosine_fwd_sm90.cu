@@ -3,9 +3,10 @@
 //
 // One CTA = WGS consumer warpgroups of 64 query rows each (WGS = 1: two CTAs share an SM and
 // drift apart, so one's exponentials overlap the other's matrix products); key tiles of BN rows. K and V
-// tiles sit in 128B-swizzled shared memory (sm90.cuh), in 2-stage rings filled with cp.async by
-// all 256 threads, one barrier per key tile; the Q tile stays in smem. Per warpgroup and key
-// tile t:
+// tiles sit in 128B-swizzled shared memory (sm90.cuh), in 2-stage rings, one barrier per key tile;
+// the Q tile stays in smem. TMA: one thread fills the rings with bulk tensor copies completed on
+// mbarriers (tensor maps tmap_k, tmap_v over (B*HK, J, D)), so the other threads spend no issue
+// slots on load addresses; else every thread copies with cp.async. Per warpgroup and key tile t:
 //   issue S(t+1) = Q K(t+1)^T            (async, Q and K K-major in smem)
 //   issue O += P(t) V(t)                   (async, P from registers, V MN-major in smem)
 //   wait for S(t+1); exp2(S(t+1) * c - shift) while P(t) V(t) runs
@@ -15,14 +16,15 @@
 #include "sm90.cuh"
 using namespace cattn;
 
-template <int D, typename T, int BN, int WGS, bool QREG>
+template <int D, typename T, int BN, int WGS, bool QREG, bool TMA>
 __global__ void __launch_bounds__(128 * WGS, WGS == 1 ? 2 : 1)
 attn_fwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                const T* __restrict__ bias, const unsigned char* __restrict__ mask,
                T* __restrict__ out, float* __restrict__ lse,
                long long bias_sb, long long bias_sh, long long bias_si,
                int B, int H, int HK, int I, int J, int Dim, int causal,
-               float c_scale, float c_shift) {
+               float c_scale, float c_shift,
+               const __grid_constant__ TmaMap tmap_k, const __grid_constant__ TmaMap tmap_v) {
     constexpr int BM = 64 * WGS, STAGES = 2, THREADS = 128 * WGS;
     constexpr int TILE_Q = BM * D * 2, TILE_KV = BN * D * 2;
     extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -30,6 +32,9 @@ attn_fwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     unsigned char* sQ = smem;
     unsigned char* sK = smem + TILE_Q;
     unsigned char* sV = sK + STAGES * TILE_KV;
+    // TMA: full[s] (K stage s), full[STAGES + s] (V stage s); the n-th fill of a stage completes
+    // its phase n, so tile t waits for parity (t / STAGES) & 1.
+    unsigned long long* full = reinterpret_cast<unsigned long long*>(sV + STAGES * TILE_KV);
 
     const int n_row_tiles = (I + BM - 1) / BM;
     const int m0 = (n_row_tiles - 1 - (int)(blockIdx.x % n_row_tiles)) * BM;
@@ -44,14 +49,28 @@ attn_fwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     const BiasView<T> bview{bias, bias_sb, bias_sh, bias_si};
     const int n_tiles = (key_end(m0, BM, I, J, causal) + BN - 1) / BN;
 
-    auto load_k = [&](int tile) {
-        load_tile_sw128<BN, D, THREADS>(reinterpret_cast<T*>(sK + (tile % STAGES) * TILE_KV),
-                                        kb + (long long)tile * BN * D, J - tile * BN);
+    // A key tile into its ring stage: TMA boxes of 64 columns x BN rows (one sw128 slab each;
+    // rows past J arrive as zeros), issued by thread 0; or cp.async by every thread.
+    auto load_kv = [&](unsigned char* ring, const T* src, const TmaMap& map, int bar, int tile) {
+        unsigned char* dst = ring + (tile % STAGES) * TILE_KV;
+        if constexpr (TMA) {
+            if (threadIdx.x == 0) {
+                unsigned long long* b = full + bar + tile % STAGES;
+                mbar_arrive_expect(b, TILE_KV);
+#pragma unroll
+                for (int slab = 0; slab < D / 64; ++slab)
+                    tma_load_3d(dst + slab * BN * 128, &map, slab * 64, tile * BN, bi * HK + hki, b);
+            }
+        } else {
+            load_tile_sw128<BN, D, THREADS>(reinterpret_cast<T*>(dst), src + (long long)tile * BN * D,
+                                            J - tile * BN);
+        }
     };
-    auto load_v = [&](int tile) {
-        load_tile_sw128<BN, D, THREADS>(reinterpret_cast<T*>(sV + (tile % STAGES) * TILE_KV),
-                                        vb + (long long)tile * BN * D, J - tile * BN);
-    };
+    auto load_k = [&](int tile) { load_kv(sK, kb, tmap_k, 0, tile); };
+    auto load_v = [&](int tile) { load_kv(sV, vb, tmap_v, STAGES, tile); };
+    // TMA: wait until K(tile) / V(tile) have landed (cp.async: the per-tile barrier covers it).
+    auto wait_k = [&](int tile) { if constexpr (TMA) mbar_wait(full + tile % STAGES, (tile / STAGES) & 1); };
+    auto wait_v = [&](int tile) { if constexpr (TMA) mbar_wait(full + STAGES + tile % STAGES, (tile / STAGES) & 1); };
     // Q as A fragments in registers (QREG: D/4 registers per thread, loaded once from the smem
     // tile): QK^T then reads only K from shared memory, half the smem traffic of the SS form,
     // whose m64n64k16 steps need the full 128 B/clock of shared memory bandwidth.
@@ -124,6 +143,13 @@ attn_fwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
         }
     };
 
+    if constexpr (TMA) {
+        if (threadIdx.x == 0) {
+            for (int b = 0; b < 2 * STAGES; ++b) mbar_init(full + b, 1);
+            mbar_init_fence();
+        }
+        __syncthreads();
+    }
     load_tile_sw128<BM, D, THREADS>(reinterpret_cast<T*>(sQ), qb, I - m0);
     if (n_tiles > 0) load_k(0);
     if (n_tiles > 1) load_k(1);
@@ -147,6 +173,7 @@ attn_fwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     pin(o);   // the zeroing of O must not sink past the first wgmma issue (C7515)
     if (n_tiles > 0) {
         float s[BN / 2];
+        wait_k(0);
         issue_qk(s, 0);
         wgmma_wait<0>();
         pin(s);
@@ -157,17 +184,21 @@ attn_fwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     // the tensor cores do P(t) V(t). Straight-line between issue and wait, so ptxas can see
     // which accumulators are complete (else it serialises the wgmmas: C7514/C7515).
     for (int tile = 0; tile < n_tiles; ++tile) {
-        // Copies of K(tile+1), V(tile) have landed and every warpgroup has finished the
-        // previous tile (its wgmmas included), so K(tile), V(tile-1) buffers may be refilled.
-        cp_async_wait<0>();
-        fence_async_smem();
+        // Every warpgroup has finished the previous tile (its wgmmas included), so the K(tile),
+        // V(tile-1) buffers may be refilled; cp.async: K(tile+1), V(tile) have landed too.
+        if constexpr (!TMA) {
+            cp_async_wait<0>();
+            fence_async_smem();
+        }
         __syncthreads();
         if (tile + 2 < n_tiles) load_k(tile + 2);
         if (tile + 1 < n_tiles) load_v(tile + 1);
-        cp_async_commit();
+        if constexpr (!TMA) cp_async_commit();
         if (tile + 1 < n_tiles) {
             float s[BN / 2];
+            wait_k(tile + 1);
             issue_qk(s, tile + 1);
+            wait_v(tile);
             issue_pv(tile);
             wgmma_wait<1>();
             pin(s);
@@ -177,6 +208,7 @@ attn_fwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
             pin(o);
             to_p(s);
         } else {
+            wait_v(tile);
             issue_pv(tile);
             wgmma_wait<0>();
             pin(o);

@@ -76,6 +76,51 @@ __device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.comm
 __device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
 __device__ __forceinline__ void bulk_wait() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
 
+// TMA (the bulk tensor copy engine). A TmaMap is the driver's 128-byte tensor map, encoded on
+// the host (cupy_cosine_attn/tma.py) and passed by value as a `const __grid_constant__` kernel
+// parameter, whose address the copy instruction takes.
+struct __align__(64) TmaMap { unsigned long long words[16]; };
+
+// mbarrier (shared-memory transaction barrier): one arrival (the thread that issues the copies)
+// plus the bytes the copies deliver complete a phase; waiters name the phase by its parity.
+__device__ __forceinline__ void mbar_init(unsigned long long* bar, int arrivals) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(smem_addr(bar)), "r"(arrivals) : "memory");
+}
+// After the inits, before the barrier that publishes them: makes them visible to the copy engine.
+__device__ __forceinline__ void mbar_init_fence() {
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+__device__ __forceinline__ void mbar_arrive_expect(unsigned long long* bar, int bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n"
+                 :: "r"(smem_addr(bar)), "r"(bytes) : "memory");
+}
+// CATTN_MBAR_TIMEOUT (tuning builds only): trap after about 2^32 clocks instead of hanging when
+// a phase never completes.
+__device__ __forceinline__ void mbar_wait(unsigned long long* bar, int parity) {
+    u32 done;
+#ifdef CATTN_MBAR_TIMEOUT
+    const long long start = clock64();
+#endif
+    do {
+        asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+                     " selp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(done) : "r"(smem_addr(bar)), "r"(parity) : "memory");
+#ifdef CATTN_MBAR_TIMEOUT
+        if (!done && clock64() - start > (1ll << 32)) __trap();
+#endif
+    } while (!done);
+}
+// Copy the box at element coordinates (c0 innermost, c1, c2) of `map`'s tensor into shared memory
+// at `dst` (1024-byte aligned for the 128-byte swizzle); completion is counted on `bar` in bytes.
+// Rows outside the tensor arrive as zeros (and still count).
+__device__ __forceinline__ void tma_load_3d(void* dst, const TmaMap* map, int c0, int c1, int c2,
+                                            unsigned long long* bar) {
+    asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes"
+                 " [%0], [%1, {%2, %3, %4}], [%5];\n"
+                 :: "r"(smem_addr(dst)), "l"(reinterpret_cast<unsigned long long>(map)),
+                    "r"(c0), "r"(c1), "r"(c2), "r"(smem_addr(bar)) : "memory");
+}
+
 // Pin registers at this point of the program: the compiler may not move their uses across it.
 // wgmma reads and writes registers asynchronously, so after a wgmma_wait the accumulators (and
 // the A fragments still read by an earlier wgmma) are pinned before ordinary code touches them.
