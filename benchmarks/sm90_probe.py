@@ -208,7 +208,7 @@ def truth_grads(dtype, q, k, v, dout, mask, bias, causal, scale):
 
 
 def run_bwd(kind, dtype, q, k, v, dout, lse, delta, mask, bias, causal, scale, dqm=None, wgs=None,
-            bm=None):
+            bm=None, tma=None):
     b, h, i, d = q.shape
     hk, j = k.shape[1], k.shape[2]
     dq = cp.zeros((b, h, i, d), dtype=cp.float32)
@@ -223,7 +223,7 @@ def run_bwd(kind, dtype, q, k, v, dout, lse, delta, mask, bias, causal, scale, d
             np.int32(causal), np.float32(scale), np.float32(scale * math.log2(math.e)))
     ct = CTYPE[dtype]
     if kind == "sm90":
-        hopper_launch.launch_backward(ct, d, args, b, hk, j, dq=dqm, wgs=wgs, bm=bm)
+        hopper_launch.launch_backward(ct, d, args, b, hk, j, dq=dqm, wgs=wgs, bm=bm, use_tma=tma)
     else:
         dp = padded_dim(dtype, d)
         launch_sm80("cosine_bwd.cu", f"attn_bwd_kv_mma<{dp}, {ct}, true>",
@@ -248,6 +248,7 @@ def bwd_correctness(dtype, d, results):
                        wgs=1 if d == 64 else None, bm=64 if d == 64 else None)
         g90s = run_bwd("sm90", dtype, q, k, v, dout, lse, delta, mask, bias, causal, 8.0,
                        dqm=2 if d == 64 else None)
+        g90c = run_bwd("sm90", dtype, q, k, v, dout, lse, delta, mask, bias, causal, 8.0, tma=False)
         g80 = run_bwd("sm80", dtype, q, k, v, dout, lse, delta, mask, bias, causal, 8.0)
         cp.cuda.Device().synchronize()
         errs = {}
@@ -257,7 +258,8 @@ def bwd_correctness(dtype, d, results):
                                   ("db", tdb, g90[3], g80[3]), ("dq_atomic", tdq, g90a[0], g80[0]),
                                   ("dq_w1", tdq, g90w[0], g80[0]), ("dk_w1", tdk, g90w[1], g80[1]),
                                   ("dv_w1", tdv, to64(g90w[2], dtype), to64(g80[2], dtype)),
-                                  ("dq_block", tdq, g90s[0], g80[0]), ("db_block", tdb, g90s[3], g80[3])):
+                                  ("dq_block", tdq, g90s[0], g80[0]), ("db_block", tdb, g90s[3], g80[3]),
+                                  ("dq_cpasync", tdq, g90c[0], g80[0]), ("dk_cpasync", tdk, g90c[1], g80[1])):
             if t is None or a90 is None:
                 continue
             e90, e80 = rel(a90.astype(cp.float64), t), rel(a80.astype(cp.float64), t)
@@ -314,6 +316,7 @@ def speed(dtype, d, bns, ns, results, bwd_only=False, wgss=(1, 2), qregs=(False,
                 row["bwd_sm90_dqblock"] = bflops / timeit(lambda: run_bwd("sm90", dtype, q, k, v, dout, lse, delta, None, None, causal, 8.0, dqm=2), 5) / 1e12
                 row["bwd_sm90_w1_bm64"] = bflops / timeit(lambda: run_bwd("sm90", dtype, q, k, v, dout, lse, delta, None, None, causal, 8.0, wgs=1, bm=64), 5) / 1e12
                 row["bwd_sm90_w2_bm64"] = bflops / timeit(lambda: run_bwd("sm90", dtype, q, k, v, dout, lse, delta, None, None, causal, 8.0, wgs=2, bm=64), 5) / 1e12
+            row["bwd_sm90_cpasync"] = bflops / timeit(lambda: run_bwd("sm90", dtype, q, k, v, dout, lse, delta, None, None, causal, 8.0, tma=False), 5) / 1e12
             row["bwd_sm90_atomic"] = bflops / timeit(lambda: run_bwd("sm90", dtype, q, k, v, dout, lse, delta, None, None, causal, 8.0, dqm=0), 5) / 1e12
             if not quick:
                 row["sm80"] = flops / timeit(lambda: run("sm80", dtype, q, k, v, None, None, causal, 8.0)) / 1e12

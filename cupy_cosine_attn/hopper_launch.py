@@ -21,7 +21,7 @@ _KNOBS = {
     "CUPY_COSINE_ATTN_SM90_BN": (64, 128),        # forward: keys per tile
     "CUPY_COSINE_ATTN_SM90_WGS": (1, 2),          # forward: warpgroups (64 query rows each)
     "CUPY_COSINE_ATTN_SM90_QREG": (0, 1),         # forward: Q in registers for QK^T
-    "CUPY_COSINE_ATTN_SM90_TMA": (0, 1),          # forward: K/V tiles by TMA (else cp.async)
+    "CUPY_COSINE_ATTN_SM90_TMA": (0, 1),          # tiles by TMA (else cp.async): fwd K/V, bwd Q/dO
     "CUPY_COSINE_ATTN_SM90_BWD_WGS": (1, 2),      # backward, d = 64: warpgroups (64 keys each)
     "CUPY_COSINE_ATTN_SM90_BWD_BM": (64, 128),    # backward, d = 64 with 2 warpgroups: queries per step
     "CUPY_COSINE_ATTN_SM90_DQ": (0, 1, 2),        # backward: dQ by atomics / bulk rows / bulk blocks
@@ -45,12 +45,12 @@ def _knob(name, default):
 
 def sm90_bn(d):
     """Keys per forward tile (measured on an H200: benchmarks/NOTES.md)."""
-    return _knob("CUPY_COSINE_ATTN_SM90_BN", 128 if d == 64 else 64)
+    return _knob("CUPY_COSINE_ATTN_SM90_BN", 128)
 
 
 def sm90_wgs(d):
     """Consumer warpgroups (64 query rows each) per forward CTA (measured: benchmarks/NOTES.md)."""
-    return _knob("CUPY_COSINE_ATTN_SM90_WGS", 1)
+    return _knob("CUPY_COSINE_ATTN_SM90_WGS", 1 if d == 64 else 2)
 
 
 def sm90_enabled():
@@ -74,7 +74,8 @@ def sm90_qreg(d):
 
 
 def sm90_tma(d):
-    """K and V tiles brought in by TMA (one issuing thread, mbarriers), else cp.async by all."""
+    """Streamed tiles (forward K and V, backward Q and dO) brought in by TMA (one issuing thread,
+    mbarriers), else by cp.async from every thread."""
     return bool(_knob("CUPY_COSINE_ATTN_SM90_TMA", 1))
 
 
@@ -147,36 +148,44 @@ def sm90_dq_mode(d, wgs, bm):
     return 1 if mode == 2 and d != 64 else mode
 
 
-def _bwd_config(d, dq, wgs, bm):
+def _bwd_config(d, dq, wgs, bm, use_tma):
     wgs = sm90_bwd_wgs(d) if wgs is None else wgs
     bm = sm90_bwd_bm(d, wgs) if bm is None else bm
     dq = sm90_dq_mode(d, wgs, bm) if dq is None else dq
-    return dq, wgs, bm
+    use_tma = sm90_tma(d) if use_tma is None else use_tma
+    return dq, wgs, bm, use_tma
 
 
-def backward_spec(ctype, d, dq=None, wgs=None, bm=None):
-    dq, wgs, bm = _bwd_config(d, dq, wgs, bm)
-    return KernelSpec("cosine_bwd_sm90.cu", f"attn_bwd_wgmma<{d}, {ctype}, {dq}, {wgs}, {bm}>",
+def backward_spec(ctype, d, dq=None, wgs=None, bm=None, use_tma=None):
+    dq, wgs, bm, use_tma = _bwd_config(d, dq, wgs, bm, use_tma)
+    return KernelSpec("cosine_bwd_sm90.cu",
+                      f"attn_bwd_wgmma<{d}, {ctype}, {dq}, {wgs}, {bm}, {_cpp_bool(use_tma)}>",
                       hopper=True)
 
 
 def backward_smem(d, wgs, bm):
     # K, V tiles; 2-stage Q and dO; the dS^T tile; 2-stage lse and delta; the dQ staging rows
-    # (16 rows of at most 64 + 8 floats per warp); 1 KiB alignment.
+    # (16 rows of at most 64 + 8 floats per warp); 2 mbarriers; 1 KiB alignment.
     bn = 64 * wgs
     return (2 * bn * d * 2 + 4 * bm * d * 2 + bn * bm * 2 + 4 * bm * 4 + 4 * wgs * 16 * 72 * 4
-            + 1024)
+            + 16 + 1024)
 
 
-def launch_backward(ctype, d, args, b, hk, j, dq=None, wgs=None, bm=None):
-    """Launch the Hopper backward with attn_bwd_kv_mma's argument tuple (atomic dQ)."""
-    dq, wgs, bm = _bwd_config(d, dq, wgs, bm)
-    fn = get_function(backward_spec(ctype, d, dq, wgs, bm))
+def launch_backward(ctype, d, args, b, hk, j, dq=None, wgs=None, bm=None, use_tma=None):
+    """Launch the Hopper backward with attn_bwd_kv_mma's argument tuple (atomic dQ), plus the Q
+    and dO tensor maps it makes when the variant loads by TMA."""
+    dq, wgs, bm, use_tma = _bwd_config(d, dq, wgs, bm, use_tma)
+    fn = get_function(backward_spec(ctype, d, dq, wgs, bm, use_tma))
+    if use_tma:
+        q, dout, h, i = args[0], args[3], int(args[17]), int(args[19])
+        maps = (tma.rows_map(q.data.ptr, b * h, i, d, bm), tma.rows_map(dout.data.ptr, b * h, i, d, bm))
+    else:
+        maps = (tma.ZERO_MAP, tma.ZERO_MAP)
     smem = backward_smem(d, wgs, bm)
     if _SMEM_SET.get(id(fn), 0) < smem:
         fn.max_dynamic_shared_size_bytes = smem
         _SMEM_SET[id(fn)] = smem
-    fn((b * hk * (-(-j // (64 * wgs))),), (128 * wgs,), args, shared_mem=smem)
+    fn((b * hk * (-(-j // (64 * wgs))),), (128 * wgs,), args + maps, shared_mem=smem)
 
 
 def specs():
@@ -185,7 +194,7 @@ def specs():
     return ([forward_spec(ct, d, bn, wgs, qreg, use_tma) for ct in cts for d in SM90_HEAD_DIMS
              for bn in (64, 128) for wgs in (1, 2) for qreg in (True, False)
              for use_tma in (True, False)]
-            + [backward_spec(ct, d, dq, wgs, bm) for ct in cts for d in SM90_HEAD_DIMS
+            + [backward_spec(ct, d, dq, wgs, bm, use_tma) for ct in cts for d in SM90_HEAD_DIMS
                for (wgs, bm) in (((1, 64), (2, 64), (2, 128)) if d == 64 else ((2, 64),))
-               for dq in ((0, 1, 2) if d == 64 else (0, 1))])
+               for dq in ((0, 1, 2) if d == 64 else (0, 1)) for use_tma in (True, False)])
 

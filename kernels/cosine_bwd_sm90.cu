@@ -5,7 +5,9 @@
 // One CTA = WGS warpgroups of 64 keys each (defaults: 2 at both head dims; WGS = 1 fits two CTAs
 // per SM); K and V stay in 128B-swizzled smem (sm90.cuh). The CTA walks the query tiles (BM rows:
 // 128 at d = 64, 64 at d = 128) of every query head of its k/v head, Q, dO, lse and delta
-// double-buffered with cp.async. Per query tile, each warpgroup:
+// double-buffered: Q and dO by TMA from one thread (TMA; tensor maps tmap_q, tmap_do over
+// (B*H, I, D)) or cp.async by every thread, lse and delta by cp.async. Per query tile, each
+// warpgroup:
 //   S^T = K Q^T, dP^T = V dO^T                      (issue_sdp: wgmma, operands K-major in smem)
 //   P^T = exp2(S^T c + bias - lse), dS^T = P^T (dP^T - delta)   (to_grads: registers; dS^T -> smem)
 //   dV += P^T dO, dK += dS^T Q                      (issue_dkdv: A from registers, dO/Q MN-major)
@@ -27,7 +29,7 @@
 #include "sm90.cuh"
 using namespace cattn;
 
-template <int D, typename T, int DQ, int WGS, int BM>
+template <int D, typename T, int DQ, int WGS, int BM, bool TMA>
 __global__ void __launch_bounds__(128 * WGS, WGS == 1 ? 2 : 1)
 attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
@@ -35,7 +37,8 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
                float* __restrict__ dq_acc, float* __restrict__ dk_out, T* __restrict__ dv_out,
                T* __restrict__ dbias, float* __restrict__ dbias_acc,
                long long bias_sb, long long bias_sh, long long bias_si,
-               int B, int H, int HK, int I, int J, int Dim, int causal, float scale, float c_scale) {
+               int B, int H, int HK, int I, int J, int Dim, int causal, float scale, float c_scale,
+               const __grid_constant__ TmaMap tmap_q, const __grid_constant__ TmaMap tmap_do) {
     static_assert(WGS == 2 || D == 64, "one warpgroup per CTA only at d = 64 (dQ registers)");
     static_assert(BM == 64 || (BM == 128 && D == 64 && WGS == 2), "128-query tiles: d = 64, 2 warpgroups");
     constexpr int BN = 64 * WGS, THREADS = 128 * WGS, STAGES = 2;
@@ -60,6 +63,8 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     const u32 o4 = smem_addr(sO) >> 4, ds4 = smem_addr(sdS) >> 4;
     constexpr int SDQ = DQ == 2 ? D : DQ_N + 8;    // fp32 row of a staged dQ slice (padded for DQ 1)
     float* sdQ = sDl + STAGES * BM;                                  // BULK_DQ: per warp 16 x SDQ
+    // TMA: full[s] completes when Q and dO of stage s have landed (phase n = the n-th fill).
+    unsigned long long* full = reinterpret_cast<unsigned long long*>(sdQ + 4 * WGS * 16 * 72);
 
     const int n_key_tiles = (J + BN - 1) / BN;
     const int n0 = (int)(blockIdx.x % n_key_tiles) * BN;
@@ -81,14 +86,26 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
 
     load_tile_sw128<BN, D, THREADS>(reinterpret_cast<T*>(sK), k + kv_off, J - n0);
     load_tile_sw128<BN, D, THREADS>(reinterpret_cast<T*>(sV), v + kv_off, J - n0);
-    // Q, dO, and the raw lse and delta of query tile `it`, all through cp.async (a plain global
-    // load here would stall its warps for a full memory latency every tile). Rows past the end
-    // get lse = +inf (P = 0 there) and delta = 0 without a load.
+    // Q, dO, and the raw lse and delta of query tile `it`, all asynchronous (a plain global load
+    // here would stall its warps for a full memory latency every tile). Q and dO rows past the
+    // end arrive as zeros; those rows get lse = +inf (P = 0 there) and delta = 0 without a load.
     auto load_q_tile = [&](int it) {
         const int stage = it % STAGES, m0 = row0_of(it);
         const long long qoff = (long long)(bi * H + head_of(it)) * I + m0;
-        load_tile_sw128<BM, D, THREADS>(reinterpret_cast<T*>(sQ + stage * TILE_Q), q + qoff * D, I - m0);
-        load_tile_sw128<BM, D, THREADS>(reinterpret_cast<T*>(sO + stage * TILE_Q), dout + qoff * D, I - m0);
+        if constexpr (TMA) {
+            if (threadIdx.x == 0) {
+                mbar_arrive_expect(full + stage, 2 * TILE_Q);
+#pragma unroll
+                for (int slab = 0; slab < D / 64; ++slab) {
+                    const int at = stage * TILE_Q + slab * BM * 128, bh = bi * H + head_of(it);
+                    tma_load_3d(sQ + at, &tmap_q, slab * 64, m0, bh, full + stage);
+                    tma_load_3d(sO + at, &tmap_do, slab * 64, m0, bh, full + stage);
+                }
+            }
+        } else {
+            load_tile_sw128<BM, D, THREADS>(reinterpret_cast<T*>(sQ + stage * TILE_Q), q + qoff * D, I - m0);
+            load_tile_sw128<BM, D, THREADS>(reinterpret_cast<T*>(sO + stage * TILE_Q), dout + qoff * D, I - m0);
+        }
         for (int r = threadIdx.x; r < 2 * BM; r += THREADS) {
             const int row = r % BM;
             float* dst = (r < BM ? sL : sDl) + stage * BM + row;
@@ -257,6 +274,13 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
         }
     };
 
+    if constexpr (TMA) {
+        if (threadIdx.x == 0) {
+            for (int b = 0; b < STAGES; ++b) mbar_init(full + b, 1);
+            mbar_init_fence();
+        }
+        __syncthreads();
+    }
     if (total > 0) load_q_tile(0);
     cp_async_commit();
     for (int it = 0; it < total; ++it) {
@@ -269,6 +293,7 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
         if (it + 1 < total) load_q_tile(it + 1);
         cp_async_commit();
         float st[BM / 2], dpt[BM / 2];
+        if constexpr (TMA) mbar_wait(full + it % STAGES, (it / STAGES) & 1);
         issue_sdp(st, dpt, it);
         wgmma_wait<0>();
         pin(st);
