@@ -118,7 +118,8 @@ def launch_sm80(source, name, smem, blocks, args):
     fn((blocks,), (128,), args, shared_mem=smem)
 
 
-def run(kind, dtype, q, k, v, mask, bias, causal, scale, bn=None, wgs=2, qreg=None, tma=None):
+def run(kind, dtype, q, k, v, mask, bias, causal, scale, bn=None, wgs=2, qreg=None, tma=None,
+        release=None):
     b, h, i, d = q.shape
     hk, j = k.shape[1], k.shape[2]
     out = cp.full(q.shape, cp.nan, dtype=cp.float16) if dtype == "float16" else cp.full(q.shape, -1, dtype=cp.int16)
@@ -139,7 +140,8 @@ def run(kind, dtype, q, k, v, mask, bias, causal, scale, bn=None, wgs=2, qreg=No
             np.int32(causal), np.float32(scale * math.log2(math.e)), np.float32(shift * math.log2(math.e)))
     ct = CTYPE[dtype]
     if kind == "sm90":
-        hopper_launch.launch(ct, d, args, b, h, i, bn=bn, wgs=wgs, qreg=qreg, use_tma=tma)
+        hopper_launch.launch(ct, d, args, b, h, i, bn=bn, wgs=wgs, qreg=qreg, use_tma=tma,
+                             release=release)
     else:
         dp = padded_dim(dtype, d)
         launch_sm80("cosine_fwd.cu", f"attn_fwd_mma<{dp}, {ct}, false, 4>",
@@ -167,14 +169,15 @@ CASES = [  # b, h, hk, i, j, causal, masked, biased
 ]
 
 
-def correctness(dtype, d, bn, results, qreg=None, tma=None):
+def correctness(dtype, d, bn, results, qreg=None, tma=None, release=None):
     ok = True
     for ci, (b, h, hk, i, j, causal, masked, biased) in enumerate(CASES):
         q, k, v, mask, bias = make_case(dtype, b, h, hk, i, j, d, causal, masked, biased, 100 + ci)
         if dtype == "float16" and bias is not None:
             continue   # fixed-shift window too narrow for fp16 with this bias; the suite covers it
         o_ref, lse_ref = truth(dtype, q, k, v, mask, bias, causal, 8.0)
-        o90, l90 = run("sm90", dtype, q, k, v, mask, bias, causal, 8.0, bn, WGS_UNDER_TEST[0], qreg, tma)
+        o90, l90 = run("sm90", dtype, q, k, v, mask, bias, causal, 8.0, bn, WGS_UNDER_TEST[0], qreg, tma,
+                       release)
         o80, l80 = run("sm80", dtype, q, k, v, mask, bias, causal, 8.0)
         cp.cuda.Device().synchronize()
         o90_64, o80_64 = to64(o90, dtype), to64(o80, dtype)
@@ -183,9 +186,9 @@ def correctness(dtype, d, bn, results, qreg=None, tma=None):
         el90, el80 = rel(l90.astype(cp.float64), lse_ref), rel(l80.astype(cp.float64), lse_ref)
         good = (not nan90) and e90 <= max(1.5 * e80, 2e-3) and el90 <= max(1.5 * el80, 1e-5)
         ok &= good
-        results.append(dict(dtype=dtype, d=d, bn=bn, qreg=qreg, tma=tma, case=CASES[ci], err_sm90=e90, err_sm80=e80,
+        results.append(dict(dtype=dtype, d=d, bn=bn, qreg=qreg, tma=tma, release=release, case=CASES[ci], err_sm90=e90, err_sm80=e80,
                             lse_err_sm90=el90, lse_err_sm80=el80, nan=nan90, ok=good))
-        log(f"  {dtype} d{d} bn{bn} qreg{qreg} tma{tma} case{ci} {CASES[ci]}: out err sm90 {e90:.2e} sm80 {e80:.2e} | "
+        log(f"  {dtype} d{d} bn{bn} qreg{qreg} tma{tma} rel{release} case{ci} {CASES[ci]}: out err sm90 {e90:.2e} sm80 {e80:.2e} | "
             f"lse {el90:.2e} {el80:.2e} nan={nan90} {'OK' if good else 'FAIL'}")
     return ok
 
@@ -289,7 +292,7 @@ def timeit(fn, reps=20):
 
 
 def speed(dtype, d, bns, ns, results, bwd_only=False, wgss=(1, 2), qregs=(False,), quick=False,
-          tmas=(True,)):
+          tmas=(True,), releases=(False,)):
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import sdpa_kernel, SDPBackend
@@ -324,7 +327,9 @@ def speed(dtype, d, bns, ns, results, bwd_only=False, wgss=(1, 2), qregs=(False,
                 for wgs in wgss:
                     for qr in qregs:
                         for tm in tmas:
-                            row[f"sm90_bn{bn}_w{wgs}{'_qreg' if qr else ''}{'_tma' if tm else ''}"] = flops / timeit(lambda: run("sm90", dtype, q, k, v, None, None, causal, 8.0, bn, wgs, qr, tm)) / 1e12
+                            for rl in (releases if tm else (False,)):
+                                key = f"sm90_bn{bn}_w{wgs}{'_qreg' if qr else ''}{'_tma' if tm else ''}{'_rel' if rl else ''}"
+                                row[key] = flops / timeit(lambda: run("sm90", dtype, q, k, v, None, None, causal, 8.0, bn, wgs, qr, tm, rl)) / 1e12
             tq = torch.from_dlpack(q).view(tdt) if dtype != "float16" else torch.from_dlpack(q)
             tk = torch.from_dlpack(k).view(tdt) if dtype != "float16" else torch.from_dlpack(k)
             tv = torch.from_dlpack(v).view(tdt) if dtype != "float16" else torch.from_dlpack(v)
@@ -359,6 +364,7 @@ def main():
     ap.add_argument("--wgs", default="1,2", help="forward warpgroups per CTA to check and time")
     ap.add_argument("--qregs", default="1", help="forward Q-in-registers settings (0,1) to check and time")
     ap.add_argument("--tmas", default="1", help="forward TMA-load settings (0,1) to check and time")
+    ap.add_argument("--releases", default="0", help="forward stage-release settings (0,1; TMA only)")
     ap.add_argument("--quick", action="store_true", help="time only the sm90 variants and the peers")
     args = ap.parse_args()
     out = Path(args.out)
@@ -367,6 +373,7 @@ def main():
     wgss = [int(x) for x in args.wgs.split(",")]
     qregs = [x == "1" for x in args.qregs.split(",")]
     tmas = [x == "1" for x in args.tmas.split(",")]
+    releases = [x == "1" for x in args.releases.split(",")]
     res = dict(correct=[], speed=[], compile=[])
     dev = cp.cuda.runtime.getDeviceProperties(0)
     log("device", dev["name"].decode(), "cc", cp.cuda.Device().compute_capability, "cupy", cp.__version__)
@@ -386,13 +393,14 @@ def main():
                 for wgs in wgss:
                     for qr in qregs:
                         for tm in tmas:
-                            WGS_UNDER_TEST[0] = wgs
-                            log(f" wgs={wgs} qreg={qr} tma={tm}")
-                            try:
-                                all_ok &= correctness(dtype, d, bn, res["correct"], qr, tm)
-                            except Exception as ex:  # noqa: BLE001
-                                log("FWD FAIL", dtype, d, bn, wgs, qr, tm, repr(ex)[:2000])
-                                all_ok = False
+                            for rl in (releases if tm else (False,)):
+                                WGS_UNDER_TEST[0] = wgs
+                                log(f" wgs={wgs} qreg={qr} tma={tm} release={rl}")
+                                try:
+                                    all_ok &= correctness(dtype, d, bn, res["correct"], qr, tm, rl)
+                                except Exception as ex:  # noqa: BLE001
+                                    log("FWD FAIL", dtype, d, bn, wgs, qr, tm, rl, repr(ex)[:2000])
+                                    all_ok = False
             try:
                 all_ok &= bwd_correctness(dtype, d, res["correct"])
             except Exception as ex:  # noqa: BLE001
@@ -405,7 +413,7 @@ def main():
     for dtype in args.speed_dtypes.split(","):
         for d in dims:
             speed(dtype, d, bns, [int(x) for x in args.ns.split(",")], res["speed"], args.bwd_only,
-                  wgss, qregs, args.quick, tmas)
+                  wgss, qregs, args.quick, tmas, releases)
     (out / "sm90_probe.json").write_text(json.dumps(res, indent=1, default=str))
     (out / "sm90_probe.log").write_text("\n".join(LOG) + "\n")
 

@@ -22,6 +22,7 @@ _KNOBS = {
     "CUPY_COSINE_ATTN_SM90_WGS": (1, 2),          # forward: warpgroups (64 query rows each)
     "CUPY_COSINE_ATTN_SM90_QREG": (0, 1),         # forward: Q in registers for QK^T
     "CUPY_COSINE_ATTN_SM90_TMA": (0, 1),          # tiles by TMA (else cp.async): fwd K/V, bwd Q/dO
+    "CUPY_COSINE_ATTN_SM90_RELEASE": (0, 1),      # forward with TMA: per-stage release, no CTA barrier
     "CUPY_COSINE_ATTN_SM90_BWD_WGS": (1, 2),      # backward, d = 64: warpgroups (64 keys each)
     "CUPY_COSINE_ATTN_SM90_BWD_BM": (64, 128),    # backward, d = 64 with 2 warpgroups: queries per step
     "CUPY_COSINE_ATTN_SM90_DQ": (0, 1, 2),        # backward: dQ by atomics / bulk rows / bulk blocks
@@ -79,36 +80,42 @@ def sm90_tma(d):
     return bool(_knob("CUPY_COSINE_ATTN_SM90_TMA", 1))
 
 
+def sm90_release(d):
+    """Forward ring stages released per warp on mbarriers instead of a CTA barrier per tile."""
+    return bool(_knob("CUPY_COSINE_ATTN_SM90_RELEASE", 0))
+
+
 def _cpp_bool(flag):
     return "true" if flag else "false"
 
 
-def forward_spec(ctype, d, bn=None, wgs=None, qreg=None, use_tma=None):
+def forward_spec(ctype, d, bn=None, wgs=None, qreg=None, use_tma=None, release=None):
     bn = sm90_bn(d) if bn is None else bn
     wgs = sm90_wgs(d) if wgs is None else wgs
     qreg = sm90_qreg(d) if qreg is None else qreg
     use_tma = sm90_tma(d) if use_tma is None else use_tma
-    return KernelSpec("cosine_fwd_sm90.cu",
-                      f"attn_fwd_wgmma<{d}, {ctype}, {bn}, {wgs}, {_cpp_bool(qreg)}, {_cpp_bool(use_tma)}>",
+    release = (sm90_release(d) if release is None else release) and use_tma
+    flags = ", ".join(_cpp_bool(f) for f in (qreg, use_tma, release))
+    return KernelSpec("cosine_fwd_sm90.cu", f"attn_fwd_wgmma<{d}, {ctype}, {bn}, {wgs}, {flags}>",
                       hopper=True)
 
 
 def forward_smem(d, bn, wgs):
-    # Q tile + 2-stage K and V rings + 4 mbarriers, plus 1 KiB to align the swizzled tiles to
+    # Q tile + 2-stage K and V rings + 8 mbarriers, plus 1 KiB to align the swizzled tiles to
     # 1024 bytes.
-    return 64 * wgs * d * 2 + 4 * bn * d * 2 + 32 + 1024
+    return 64 * wgs * d * 2 + 4 * bn * d * 2 + 64 + 1024
 
 
 _SMEM_SET = {}
 
 
-def launch(ctype, d, args, b, h, i, bn=None, wgs=None, qreg=None, use_tma=None):
+def launch(ctype, d, args, b, h, i, bn=None, wgs=None, qreg=None, use_tma=None, release=None):
     """Launch the Hopper forward with attn_fwd_mma's argument tuple (plus the K and V tensor
     maps it makes when the variant loads by TMA)."""
     bn = sm90_bn(d) if bn is None else bn
     wgs = sm90_wgs(d) if wgs is None else wgs
     use_tma = sm90_tma(d) if use_tma is None else use_tma
-    fn = get_function(forward_spec(ctype, d, bn, wgs, qreg, use_tma))
+    fn = get_function(forward_spec(ctype, d, bn, wgs, qreg, use_tma, release))
     if use_tma:
         k, v, hk, j = args[1], args[2], int(args[12]), int(args[14])
         maps = (tma.rows_map(k.data.ptr, b * hk, j, d, bn), tma.rows_map(v.data.ptr, b * hk, j, d, bn))
@@ -191,9 +198,9 @@ def launch_backward(ctype, d, args, b, hk, j, dq=None, wgs=None, bm=None, use_tm
 def specs():
     """Every Hopper variant (for warm-up and the CI compile check, sm_90a only)."""
     cts = ("__half", "__nv_bfloat16")
-    return ([forward_spec(ct, d, bn, wgs, qreg, use_tma) for ct in cts for d in SM90_HEAD_DIMS
-             for bn in (64, 128) for wgs in (1, 2) for qreg in (True, False)
-             for use_tma in (True, False)]
+    return ([forward_spec(ct, d, bn, wgs, qreg, use_tma, release) for ct in cts
+             for d in SM90_HEAD_DIMS for bn in (64, 128) for wgs in (1, 2) for qreg in (True, False)
+             for (use_tma, release) in ((True, False), (True, True), (False, False))]
             + [backward_spec(ct, d, dq, wgs, bm, use_tma) for ct in cts for d in SM90_HEAD_DIMS
                for (wgs, bm) in (((1, 64), (2, 64), (2, 128)) if d == 64 else ((2, 64),))
                for dq in ((0, 1, 2) if d == 64 else (0, 1)) for use_tma in (True, False)])

@@ -6,7 +6,11 @@
 // tiles sit in 128B-swizzled shared memory (sm90.cuh), in 2-stage rings, one barrier per key tile;
 // the Q tile stays in smem. TMA: one thread fills the rings with bulk tensor copies completed on
 // mbarriers (tensor maps tmap_k, tmap_v over (B*HK, J, D)), so the other threads spend no issue
-// slots on load addresses; else every thread copies with cp.async. Per warpgroup and key tile t:
+// slots on load addresses; else every thread copies with cp.async. RELEASE (TMA only): instead of
+// a CTA barrier per key tile, each warp releases a ring stage on an mbarrier when its wgmmas
+// are done with it, and the issuing thread waits for that before refilling it, so warpgroups may
+// drift up to a tile apart (one's exponentials under the other's products). Per warpgroup and
+// key tile t:
 //   issue S(t+1) = Q K(t+1)^T            (async, Q and K K-major in smem)
 //   issue O += P(t) V(t)                   (async, P from registers, V MN-major in smem)
 //   wait for S(t+1); exp2(S(t+1) * c - shift) while P(t) V(t) runs
@@ -16,7 +20,7 @@
 #include "sm90.cuh"
 using namespace cattn;
 
-template <int D, typename T, int BN, int WGS, bool QREG, bool TMA>
+template <int D, typename T, int BN, int WGS, bool QREG, bool TMA, bool RELEASE>
 __global__ void __launch_bounds__(128 * WGS, WGS == 1 ? 2 : 1)
 attn_fwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                const T* __restrict__ bias, const unsigned char* __restrict__ mask,
@@ -27,6 +31,7 @@ attn_fwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
                const __grid_constant__ TmaMap tmap_k, const __grid_constant__ TmaMap tmap_v) {
     constexpr int BM = 64 * WGS, STAGES = 2, THREADS = 128 * WGS;
     constexpr int TILE_Q = BM * D * 2, TILE_KV = BN * D * 2;
+    static_assert(TMA || !RELEASE, "stage release needs the TMA loads");
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     unsigned char* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
     unsigned char* sQ = smem;
@@ -35,6 +40,8 @@ attn_fwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     // TMA: full[s] (K stage s), full[STAGES + s] (V stage s); the n-th fill of a stage completes
     // its phase n, so tile t waits for parity (t / STAGES) & 1.
     unsigned long long* full = reinterpret_cast<unsigned long long*>(sV + STAGES * TILE_KV);
+    // RELEASE: empty[s] / empty[STAGES + s] complete when every warp is done with K / V stage s.
+    unsigned long long* empty = full + 2 * STAGES;
 
     const int n_row_tiles = (I + BM - 1) / BM;
     const int m0 = (n_row_tiles - 1 - (int)(blockIdx.x % n_row_tiles)) * BM;
@@ -55,6 +62,9 @@ attn_fwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
         unsigned char* dst = ring + (tile % STAGES) * TILE_KV;
         if constexpr (TMA) {
             if (threadIdx.x == 0) {
+                // RELEASE: the stage's previous tile (tile - STAGES) must have been released.
+                if (RELEASE && tile >= STAGES)
+                    mbar_wait(empty + bar + tile % STAGES, (tile / STAGES - 1) & 1);
                 unsigned long long* b = full + bar + tile % STAGES;
                 mbar_arrive_expect(b, TILE_KV);
 #pragma unroll
@@ -71,6 +81,13 @@ attn_fwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     // TMA: wait until K(tile) / V(tile) have landed (cp.async: the per-tile barrier covers it).
     auto wait_k = [&](int tile) { if constexpr (TMA) mbar_wait(full + tile % STAGES, (tile / STAGES) & 1); };
     auto wait_v = [&](int tile) { if constexpr (TMA) mbar_wait(full + STAGES + tile % STAGES, (tile / STAGES) & 1); };
+    // RELEASE: this warp's wgmmas reading K(tile) / V(tile) are complete (waited for).
+    auto release = [&](int bar, int tile) {
+        if constexpr (RELEASE) {
+            __syncwarp();
+            if (lane == 0) mbar_arrive(empty + bar + tile % STAGES);
+        }
+    };
     // Q as A fragments in registers (QREG: D/4 registers per thread, loaded once from the smem
     // tile): QK^T then reads only K from shared memory, half the smem traffic of the SS form,
     // whose m64n64k16 steps need the full 128 B/clock of shared memory bandwidth.
@@ -145,7 +162,10 @@ attn_fwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
 
     if constexpr (TMA) {
         if (threadIdx.x == 0) {
-            for (int b = 0; b < 2 * STAGES; ++b) mbar_init(full + b, 1);
+            for (int b = 0; b < 2 * STAGES; ++b) {
+                mbar_init(full + b, 1);
+                if (RELEASE) mbar_init(empty + b, 4 * WGS);
+            }
             mbar_init_fence();
         }
         __syncthreads();
@@ -177,6 +197,7 @@ attn_fwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
         issue_qk(s, 0);
         wgmma_wait<0>();
         pin(s);
+        release(0, 0);
         softmax_exp(s, 0);
         to_p(s);
     }
@@ -190,7 +211,7 @@ attn_fwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
             cp_async_wait<0>();
             fence_async_smem();
         }
-        __syncthreads();
+        if constexpr (!RELEASE) __syncthreads();
         if (tile + 2 < n_tiles) load_k(tile + 2);
         if (tile + 1 < n_tiles) load_v(tile + 1);
         if constexpr (!TMA) cp_async_commit();
@@ -202,10 +223,12 @@ attn_fwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
             issue_pv(tile);
             wgmma_wait<1>();
             pin(s);
+            release(0, tile + 1);
             softmax_exp(s, tile + 1);
             wgmma_wait<0>();
             pin(p);
             pin(o);
+            release(STAGES, tile);
             to_p(s);
         } else {
             wait_v(tile);

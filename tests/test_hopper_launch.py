@@ -4,8 +4,8 @@ import pytest
 from cupy_cosine_attn import hopper_launch as hl
 
 KNOBS = ("CUPY_COSINE_ATTN_SM90_BN", "CUPY_COSINE_ATTN_SM90_WGS", "CUPY_COSINE_ATTN_SM90_QREG",
-         "CUPY_COSINE_ATTN_SM90_TMA", "CUPY_COSINE_ATTN_SM90_BWD_WGS", "CUPY_COSINE_ATTN_SM90_BWD_BM",
-         "CUPY_COSINE_ATTN_SM90_DQ")
+         "CUPY_COSINE_ATTN_SM90_TMA", "CUPY_COSINE_ATTN_SM90_RELEASE",
+         "CUPY_COSINE_ATTN_SM90_BWD_WGS", "CUPY_COSINE_ATTN_SM90_BWD_BM", "CUPY_COSINE_ATTN_SM90_DQ")
 SMEM_PER_BLOCK = 227 * 1024          # sm_90 opt-in maximum of dynamic shared memory per block
 
 
@@ -16,8 +16,8 @@ def no_knobs(monkeypatch):
 
 
 def test_default_variants_are_the_measured_ones():
-    assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 128, 1, true, true>"
-    assert hl.forward_spec("__nv_bfloat16", 128).name == "attn_fwd_wgmma<128, __nv_bfloat16, 128, 2, true, true>"
+    assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 128, 1, true, true, false>"
+    assert hl.forward_spec("__nv_bfloat16", 128).name == "attn_fwd_wgmma<128, __nv_bfloat16, 128, 2, true, true, false>"
     assert hl.backward_spec("__half", 64).name == "attn_bwd_wgmma<64, __half, 1, 2, 128, true>"
     assert hl.backward_spec("__nv_bfloat16", 128).name == "attn_bwd_wgmma<128, __nv_bfloat16, 1, 2, 64, true>"
 
@@ -33,9 +33,11 @@ def test_every_default_is_among_the_compiled_variants():
 def test_knobs_select_variants(monkeypatch):
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_BN", "64")
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_QREG", "0")
-    assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 64, 1, false, true>"
-    monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_TMA", "0")
-    assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 64, 1, false, false>"
+    assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 64, 1, false, true, false>"
+    monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_RELEASE", "1")
+    assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 64, 1, false, true, true>"
+    monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_TMA", "0")      # stage release needs TMA: ignored
+    assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 64, 1, false, false, false>"
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_BWD_WGS", "1")
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_DQ", "0")
     # one warpgroup: only the 64-query tile exists
