@@ -44,14 +44,26 @@ def _knob(name, default):
     return value
 
 
-def sm90_bn(d):
-    """Keys per forward tile (measured on an H200: benchmarks/NOTES.md)."""
-    return _knob("CUPY_COSINE_ATTN_SM90_BN", 128)
+# Causal calls at d = 128 with at most this many keys use 64-key tiles and one warpgroup per CTA
+# (two CTAs per SM): measured faster there than 128-key tiles shared by two warpgroups, whose
+# diagonal tiles waste more work (benchmarks/NOTES.md, v4).
+SMALL_CAUSAL_KEYS = 8192
 
 
-def sm90_wgs(d):
+def _small_causal(d, j, causal):
+    return d == 128 and bool(causal) and j is not None and j <= SMALL_CAUSAL_KEYS
+
+
+def sm90_bn(d, j=None, causal=False):
+    """Keys per forward tile (measured on an H200: benchmarks/NOTES.md); j and causal describe
+    the call (None: the long-sequence choice)."""
+    return _knob("CUPY_COSINE_ATTN_SM90_BN", 64 if _small_causal(d, j, causal) else 128)
+
+
+def sm90_wgs(d, j=None, causal=False):
     """Consumer warpgroups (64 query rows each) per forward CTA (measured: benchmarks/NOTES.md)."""
-    return _knob("CUPY_COSINE_ATTN_SM90_WGS", 1 if d == 64 else 2)
+    return _knob("CUPY_COSINE_ATTN_SM90_WGS",
+                 1 if d == 64 or _small_causal(d, j, causal) else 2)
 
 
 def sm90_enabled():
@@ -112,12 +124,13 @@ _SMEM_SET = {}
 def launch(ctype, d, args, b, h, i, bn=None, wgs=None, qreg=None, use_tma=None, release=None):
     """Launch the Hopper forward with attn_fwd_mma's argument tuple (plus the K and V tensor
     maps it makes when the variant loads by TMA)."""
-    bn = sm90_bn(d) if bn is None else bn
-    wgs = sm90_wgs(d) if wgs is None else wgs
+    j, causal = int(args[14]), int(args[16])
+    bn = sm90_bn(d, j, causal) if bn is None else bn
+    wgs = sm90_wgs(d, j, causal) if wgs is None else wgs
     use_tma = sm90_tma(d) if use_tma is None else use_tma
     fn = get_function(forward_spec(ctype, d, bn, wgs, qreg, use_tma, release))
     if use_tma:
-        k, v, hk, j = args[1], args[2], int(args[12]), int(args[14])
+        k, v, hk = args[1], args[2], int(args[12])
         maps = (tma.rows_map(k.data.ptr, b * hk, j, d, bn), tma.rows_map(v.data.ptr, b * hk, j, d, bn))
     else:
         maps = (tma.ZERO_MAP, tma.ZERO_MAP)
@@ -193,6 +206,13 @@ def launch_backward(ctype, d, args, b, hk, j, dq=None, wgs=None, bm=None, use_tm
         fn.max_dynamic_shared_size_bytes = smem
         _SMEM_SET[id(fn)] = smem
     fn((b * hk * (-(-j // (64 * wgs))),), (128 * wgs,), args + maps, shared_mem=smem)
+
+
+def default_specs(ctype, d):
+    """The variants calls of this dtype and head dim launch by default (for warm-up)."""
+    fwd = [forward_spec(ctype, d)]
+    small = forward_spec(ctype, d, sm90_bn(d, 1, True), sm90_wgs(d, 1, True))
+    return fwd + ([small] if small != fwd[0] else []) + [backward_spec(ctype, d)]
 
 
 def specs():

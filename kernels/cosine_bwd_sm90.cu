@@ -133,10 +133,11 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     const int key0 = n0 + wg * 64 + warp * 16 + g, key1 = key0 + 8;   // this thread's key rows
     // P^T and dS^T of tile `it` as 16-bit A fragments, dS^T also to its smem tile. Element i of
     // st/dpt: key row (i & 2 ? key1 : key0), query column m0 + 8(i/4) + 2t + (i&1). HAS_BIAS and
-    // CHECK (per-key visibility tests) are literals at every call, so each inlined copy is
-    // specialised: the common tile (no bias, no mask, not on the causal diagonal) runs
-    // straight-line code.
-    auto to_grads_as = [&](const bool HAS_BIAS, const bool CHECK, const float (&st)[BM / 2],
+    // CHECK (per-key visibility tests: 0 none, 1 only the causal test, 2 all) are literals at
+    // every call, so each inlined copy is specialised: the common tile (no bias, no mask, not on
+    // the causal diagonal) runs straight-line code, a diagonal one a compare and select more.
+    // (Query rows past I need no test: their lse is +inf, so P = 0.)
+    auto to_grads_as = [&](const bool HAS_BIAS, const int CHECK, const float (&st)[BM / 2],
                            const float (&dpt)[BM / 2], int it, u32 (&pa)[BM / 16][4],
                            u32 (&sa)[BM / 16][4]) {
         const int hq = head_of(it), m0 = row0_of(it);
@@ -161,9 +162,10 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
                 float x = st[i] * c_scale - nl[c];
                 if (HAS_BIAS) x += bview.log2_at(bi, hq, min(row, I - 1), min(key, J - 1));
                 float p = fast_exp2(x);
-                if (CHECK) {
+                if (CHECK == 2) {
                     if (!key_visible(mask_b, row, key, I, J, causal)) p = 0.f;
                 }
+                if (CHECK == 1 && key > row + (J - I)) p = 0.f;
                 const float ds = p * (dpt[i] - dl[c]);
                 pe[u] = p;
                 se[u] = ds;
@@ -187,9 +189,11 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     auto to_grads = [&](const float (&st)[BM / 2], const float (&dpt)[BM / 2], int it,
                         u32 (&pa)[BM / 16][4], u32 (&sa)[BM / 16][4]) {
         const int m0 = row0_of(it);
-        const bool check = (causal && n0 + BN - 1 > m0 + (J - I)) || (n0 + BN > J) || mask_b != nullptr;
-        if (bias != nullptr || check) to_grads_as(bias != nullptr, true, st, dpt, it, pa, sa);
-        else to_grads_as(false, false, st, dpt, it, pa, sa);
+        const bool diagonal = causal && n0 + BN - 1 > m0 + (J - I);
+        const bool edge = (n0 + BN > J) || mask_b != nullptr;
+        if (bias != nullptr || edge) to_grads_as(bias != nullptr, diagonal || edge ? 2 : 0, st, dpt, it, pa, sa);
+        else if (diagonal) to_grads_as(false, 1, st, dpt, it, pa, sa);
+        else to_grads_as(false, 0, st, dpt, it, pa, sa);
     };
 
     float dk[D / 2], dv[D / 2];

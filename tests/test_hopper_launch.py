@@ -22,11 +22,26 @@ def test_default_variants_are_the_measured_ones():
     assert hl.backward_spec("__nv_bfloat16", 128).name == "attn_bwd_wgmma<128, __nv_bfloat16, 1, 2, 64, true>"
 
 
+def test_short_causal_calls_at_d128_use_the_small_tiles(monkeypatch):
+    assert (hl.sm90_bn(128, 8192, True), hl.sm90_wgs(128, 8192, True)) == (64, 1)
+    assert (hl.sm90_bn(128, 8193, True), hl.sm90_wgs(128, 8193, True)) == (128, 2)
+    assert (hl.sm90_bn(128, 2048, False), hl.sm90_wgs(128, 2048, False)) == (128, 2)
+    assert (hl.sm90_bn(64, 2048, True), hl.sm90_wgs(64, 2048, True)) == (128, 1)
+    names = [s.name for s in hl.default_specs("__half", 128)]
+    assert names == ["attn_fwd_wgmma<128, __half, 128, 2, true, true, false>",
+                     "attn_fwd_wgmma<128, __half, 64, 1, true, true, false>",
+                     "attn_bwd_wgmma<128, __half, 1, 2, 64, true>"]
+    assert len(hl.default_specs("__half", 64)) == 2
+    monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_BN", "128")     # a knob wins over the shape rule
+    assert hl.sm90_bn(128, 2048, True) == 128
+
+
 def test_every_default_is_among_the_compiled_variants():
     names = {s.name for s in hl.specs()}
     for ct in ("__half", "__nv_bfloat16"):
         for d in hl.SM90_HEAD_DIMS:
-            assert hl.forward_spec(ct, d).name in names
+            for spec in hl.default_specs(ct, d):
+                assert spec.name in names
             assert hl.backward_spec(ct, d).name in names
 
 
@@ -69,5 +84,6 @@ def test_every_variant_fits_in_shared_memory():
 def test_one_warpgroup_defaults_leave_room_for_two_ctas_per_sm():
     # the forward's one-warpgroup CTAs rely on a second CTA per SM to hide their phases
     for d in hl.SM90_HEAD_DIMS:
-        if hl.sm90_wgs(d) == 1:
-            assert 2 * (hl.forward_smem(d, hl.sm90_bn(d), 1) + 1024) <= 228 * 1024
+        for j, causal in ((16384, False), (2048, True)):
+            if hl.sm90_wgs(d, j, causal) == 1:
+                assert 2 * (hl.forward_smem(d, hl.sm90_bn(d, j, causal), 1) + 1024) <= 228 * 1024

@@ -543,7 +543,7 @@ def test_warmup_jobs_skip_hopper_variants_off_hopper():
         (SPEC.name, "sm_80", "sm_80"), ("wgmma<64>", None, "sm_80"),
         (SPEC.name, "sm_90", "sm_90a"), ("wgmma<64>", "sm_90a", "sm_90a")]
     specs = cli.warmup_specs(["float16", "bfloat16"], [64, 128])
-    assert len(specs) == len(set(specs)) == 38         # 30 portable + 8 Hopper-only
+    assert len(specs) == len(set(specs)) == 40         # 30 portable + 10 Hopper-only
 
 
 def test_warmup_arguments(capsys, monkeypatch):
