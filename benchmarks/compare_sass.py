@@ -1,6 +1,7 @@
-"""Do two checkouts compile to the same machine code? Compiles every Hopper variant from each with
-this machine's NVRTC (sm_90a, no GPU needed), disassembles with nvdisasm and compares the SASS text
-(the cubins themselves carry a few bytes that differ from compile to compile).
+"""Do two checkouts compile to the same machine code? Compiles every Hopper variant (sm_90a) and
+every portable variant (sm_80, and sm_90 as a Hopper GPU loads them) from each with this
+machine's NVRTC (no GPU needed), disassembles with nvdisasm and compares the SASS text (the
+cubins themselves carry a few bytes that differ from compile to compile).
 
     git worktree add /tmp/tested <commit that ran on the GPU>
     python benchmarks/compare_sass.py /tmp/tested .
@@ -18,7 +19,7 @@ from pathlib import Path
 
 
 def sass_digests(root):
-    """{variant name: sha256 of its SASS} for every Hopper variant of the checkout at `root`."""
+    """{variant@arch: sha256 of its SASS} for every kernel variant of the checkout at `root`."""
     root = str(Path(root).resolve())
     for name in [m for m in sys.modules if m.startswith("cupy_cosine_attn")]:
         del sys.modules[name]
@@ -26,16 +27,23 @@ def sass_digests(root):
     try:
         kb = importlib.import_module("cupy_cosine_attn.kernel_build")
         hl = importlib.import_module("cupy_cosine_attn.hopper_launch")
+        gl = importlib.import_module("cupy_cosine_attn.gpu_launch")
         assert kb.__file__.startswith(root), f"imported {kb.__file__}, not from {root}"
+        # An editable install resolves the packaged kernels to its own checkout whatever path
+        # the package was imported from: read this checkout's sources explicitly.
+        kb.kernel_dir = lambda: Path(root, "kernels")
+        jobs = [(spec, "sm_90a") for spec in hl.specs()]
+        jobs += [(spec, arch) for spec in gl.all_kernel_specs() if not spec.is_hopper
+                 for arch in ("sm_80", "sm_90")]
         out = {}
-        for spec in hl.specs():
-            cubin = kb._compile(spec, "sm_90a")[0] + b"\0"   # CuPy's getCUBIN drops the last byte
+        for spec, arch in jobs:
+            cubin = kb._compile(spec, arch)[0] + b"\0"   # CuPy's getCUBIN drops the last byte
             with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
                 f.write(cubin)
                 f.flush()
                 sass = subprocess.run(["nvdisasm", "-c", f.name], capture_output=True, text=True,
                                       check=True).stdout
-            out[spec.name] = hashlib.sha256(sass.encode()).hexdigest()
+            out[f"{spec.name}@{arch}"] = hashlib.sha256(sass.encode()).hexdigest()
         return out
     finally:
         sys.path.remove(root)

@@ -13,6 +13,33 @@ __device__ __forceinline__ bool key_visible(const unsigned char* __restrict__ ma
     return mask_b == nullptr || mask_b[col] != 0;
 }
 
+// Query-row tile of a forward CTA on a flat grid (no 65535 limit on batch*heads): m0 is its first
+// row, bh its (batch, head). Row tiles are taken last to first, so the heaviest causal ones start
+// first.
+__device__ __forceinline__ void row_tile_heavy_first(int rows, int I, int& m0, int& bh) {
+    const int n_row_tiles = (I + rows - 1) / rows;
+    m0 = (n_row_tiles - 1 - (int)(blockIdx.x % n_row_tiles)) * rows;
+    bh = blockIdx.x / n_row_tiles;
+}
+
+// What (batch, query head) bh reads: its batch and head, the k/v head it shares with its group
+// (grouped and multi-query heads), that head's K and V rows (J x D), and its key-mask row.
+template <typename T>
+struct HeadSlices {
+    int bi, hi, hki;
+    const T* kb;
+    const T* vb;
+    const unsigned char* mask_b;
+    __device__ __forceinline__ HeadSlices(int bh, int H, int HK, int J, int D, const T* k,
+                                          const T* v, const unsigned char* mask)
+        : bi(bh / H), hi(bh % H), hki(hi / (H / HK)) {
+        const long long kv_off = (long long)(bi * HK + hki) * J * D;
+        kb = k + kv_off;
+        vb = v + kv_off;
+        mask_b = mask ? mask + (long long)bi * J : nullptr;
+    }
+};
+
 // Additive bias in log2 units; strides in elements (0 on broadcast dims), unit column stride.
 template <typename T>
 struct BiasView {

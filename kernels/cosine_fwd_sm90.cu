@@ -43,16 +43,16 @@ attn_fwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     // RELEASE: empty[s] / empty[STAGES + s] complete when every warp is done with K / V stage s.
     unsigned long long* empty = full + 2 * STAGES;
 
-    const int n_row_tiles = (I + BM - 1) / BM;
-    const int m0 = (n_row_tiles - 1 - (int)(blockIdx.x % n_row_tiles)) * BM;
-    const int bh = blockIdx.x / n_row_tiles, bi = bh / H, hi = bh % H, hki = hi / (H / HK);
+    int m0, bh;
+    row_tile_heavy_first(BM, I, m0, bh);
+    const HeadSlices<T> head(bh, H, HK, J, D, k, v, mask);
+    const int bi = head.bi, hi = head.hi, hki = head.hki;
+    const T* kb = head.kb;
+    const T* vb = head.vb;
+    const unsigned char* mask_b = head.mask_b;
     const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;
     const T* qb = q + ((long long)bh * I + m0) * D;
-    const long long kv_off = (long long)(bi * HK + hki) * J * D;
-    const T* kb = k + kv_off;
-    const T* vb = v + kv_off;
-    const unsigned char* mask_b = mask ? mask + (long long)bi * J : nullptr;
     const BiasView<T> bview{bias, bias_sb, bias_sh, bias_si};
     const int n_tiles = (key_end(m0, BM, I, J, causal) + BN - 1) / BN;
 
