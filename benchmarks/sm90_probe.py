@@ -119,7 +119,7 @@ def launch_sm80(source, name, smem, blocks, args):
 
 
 def run(kind, dtype, q, k, v, mask, bias, causal, scale, bn=None, wgs=2, qreg=None, tma=None,
-        release=None):
+        release=None, ws=False):
     b, h, i, d = q.shape
     hk, j = k.shape[1], k.shape[2]
     out = cp.full(q.shape, cp.nan, dtype=cp.float16) if dtype == "float16" else cp.full(q.shape, -1, dtype=cp.int16)
@@ -141,7 +141,7 @@ def run(kind, dtype, q, k, v, mask, bias, causal, scale, bn=None, wgs=2, qreg=No
     ct = CTYPE[dtype]
     if kind == "sm90":
         hopper_launch.launch(ct, d, args, b, h, i, bn=bn, wgs=wgs, qreg=qreg, use_tma=tma,
-                             release=release)
+                             release=release, ws=ws)
     else:
         dp = padded_dim(dtype, d)
         launch_sm80("cosine_fwd.cu", f"attn_fwd_mma<{dp}, {ct}, false, 4>",
@@ -169,7 +169,7 @@ CASES = [  # b, h, hk, i, j, causal, masked, biased
 ]
 
 
-def correctness(dtype, d, bn, results, qreg=None, tma=None, release=None):
+def correctness(dtype, d, bn, results, qreg=None, tma=None, release=None, ws=False):
     ok = True
     for ci, (b, h, hk, i, j, causal, masked, biased) in enumerate(CASES):
         q, k, v, mask, bias = make_case(dtype, b, h, hk, i, j, d, causal, masked, biased, 100 + ci)
@@ -177,7 +177,7 @@ def correctness(dtype, d, bn, results, qreg=None, tma=None, release=None):
             continue   # fixed-shift window too narrow for fp16 with this bias; the suite covers it
         o_ref, lse_ref = truth(dtype, q, k, v, mask, bias, causal, 8.0)
         o90, l90 = run("sm90", dtype, q, k, v, mask, bias, causal, 8.0, bn, WGS_UNDER_TEST[0], qreg, tma,
-                       release)
+                       release, ws)
         o80, l80 = run("sm80", dtype, q, k, v, mask, bias, causal, 8.0)
         cp.cuda.Device().synchronize()
         o90_64, o80_64 = to64(o90, dtype), to64(o80, dtype)
@@ -186,9 +186,9 @@ def correctness(dtype, d, bn, results, qreg=None, tma=None, release=None):
         el90, el80 = rel(l90.astype(cp.float64), lse_ref), rel(l80.astype(cp.float64), lse_ref)
         good = (not nan90) and e90 <= max(1.5 * e80, 2e-3) and el90 <= max(1.5 * el80, 1e-5)
         ok &= good
-        results.append(dict(dtype=dtype, d=d, bn=bn, qreg=qreg, tma=tma, release=release, case=CASES[ci], err_sm90=e90, err_sm80=e80,
+        results.append(dict(dtype=dtype, d=d, bn=bn, qreg=qreg, tma=tma, release=release, ws=ws, case=CASES[ci], err_sm90=e90, err_sm80=e80,
                             lse_err_sm90=el90, lse_err_sm80=el80, nan=nan90, ok=good))
-        log(f"  {dtype} d{d} bn{bn} qreg{qreg} tma{tma} rel{release} case{ci} {CASES[ci]}: out err sm90 {e90:.2e} sm80 {e80:.2e} | "
+        log(f"  {dtype} d{d} bn{bn} qreg{qreg} tma{tma} rel{release} ws{ws} case{ci} {CASES[ci]}: out err sm90 {e90:.2e} sm80 {e80:.2e} | "
             f"lse {el90:.2e} {el80:.2e} nan={nan90} {'OK' if good else 'FAIL'}")
     return ok
 
@@ -292,7 +292,7 @@ def timeit(fn, reps=20):
 
 
 def speed(dtype, d, bns, ns, results, bwd_only=False, wgss=(1, 2), qregs=(False,), quick=False,
-          tmas=(True,), releases=(False,)):
+          tmas=(True,), releases=(False,), ws=False):
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import sdpa_kernel, SDPBackend
@@ -330,6 +330,10 @@ def speed(dtype, d, bns, ns, results, bwd_only=False, wgss=(1, 2), qregs=(False,
                             for rl in (releases if tm else (False,)):
                                 key = f"sm90_bn{bn}_w{wgs}{'_qreg' if qr else ''}{'_tma' if tm else ''}{'_rel' if rl else ''}"
                                 row[key] = flops / timeit(lambda: run("sm90", dtype, q, k, v, None, None, causal, 8.0, bn, wgs, qr, tm, rl)) / 1e12
+                    if ws:
+                        for qr in qregs:
+                            key = f"sm90_bn{bn}_ws{'_qreg' if qr else ''}"
+                            row[key] = flops / timeit(lambda: run("sm90", dtype, q, k, v, None, None, causal, 8.0, bn, 2, qr, True, True, True)) / 1e12
             tq = torch.from_dlpack(q).view(tdt) if dtype != "float16" else torch.from_dlpack(q)
             tk = torch.from_dlpack(k).view(tdt) if dtype != "float16" else torch.from_dlpack(k)
             tv = torch.from_dlpack(v).view(tdt) if dtype != "float16" else torch.from_dlpack(v)
@@ -365,6 +369,7 @@ def main():
     ap.add_argument("--qregs", default="1", help="forward Q-in-registers settings (0,1) to check and time")
     ap.add_argument("--tmas", default="1", help="forward TMA-load settings (0,1) to check and time")
     ap.add_argument("--releases", default="0", help="forward stage-release settings (0,1; TMA only)")
+    ap.add_argument("--ws", action="store_true", help="also check and time the warp-specialised forward")
     ap.add_argument("--quick", action="store_true", help="time only the sm90 variants and the peers")
     args = ap.parse_args()
     out = Path(args.out)
@@ -401,6 +406,15 @@ def main():
                                 except Exception as ex:  # noqa: BLE001
                                     log("FWD FAIL", dtype, d, bn, wgs, qr, tm, rl, repr(ex)[:2000])
                                     all_ok = False
+                if args.ws:
+                    for qr in qregs:
+                        WGS_UNDER_TEST[0] = 2
+                        log(f" warp-specialised qreg={qr}")
+                        try:
+                            all_ok &= correctness(dtype, d, bn, res["correct"], qr, True, True, True)
+                        except Exception as ex:  # noqa: BLE001
+                            log("FWD FAIL ws", dtype, d, bn, qr, repr(ex)[:2000])
+                            all_ok = False
             try:
                 all_ok &= bwd_correctness(dtype, d, res["correct"])
             except Exception as ex:  # noqa: BLE001
@@ -413,7 +427,7 @@ def main():
     for dtype in args.speed_dtypes.split(","):
         for d in dims:
             speed(dtype, d, bns, [int(x) for x in args.ns.split(",")], res["speed"], args.bwd_only,
-                  wgss, qregs, args.quick, tmas, releases)
+                  wgss, qregs, args.quick, tmas, releases, args.ws)
     (out / "sm90_probe.json").write_text(json.dumps(res, indent=1, default=str))
     (out / "sm90_probe.log").write_text("\n".join(LOG) + "\n")
 

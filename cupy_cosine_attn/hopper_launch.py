@@ -23,6 +23,7 @@ _KNOBS = {
     "CUPY_COSINE_ATTN_SM90_QREG": (0, 1),         # forward: Q in registers for QK^T
     "CUPY_COSINE_ATTN_SM90_TMA": (0, 1),          # tiles by TMA (else cp.async): fwd K/V, bwd Q/dO
     "CUPY_COSINE_ATTN_SM90_RELEASE": (0, 1),      # forward with TMA: per-stage release, no CTA barrier
+    "CUPY_COSINE_ATTN_SM90_WS": (0, 1),           # forward: producer warpgroup + two consumers
     "CUPY_COSINE_ATTN_SM90_BWD_WGS": (1, 2),      # backward, d = 64: warpgroups (64 keys each)
     "CUPY_COSINE_ATTN_SM90_BWD_BM": (64, 128),    # backward, d = 64 with 2 warpgroups: queries per step
     "CUPY_COSINE_ATTN_SM90_DQ": (0, 1, 2),        # backward: dQ by atomics / bulk rows / bulk blocks
@@ -97,49 +98,59 @@ def sm90_release(d):
     return bool(_knob("CUPY_COSINE_ATTN_SM90_RELEASE", 0))
 
 
+def sm90_ws(d):
+    """Warp-specialised forward: a producer warpgroup issuing the TMA copies in front of two
+    consumer warpgroups (implies TMA, stage release and two warpgroups)."""
+    return bool(_knob("CUPY_COSINE_ATTN_SM90_WS", 0))
+
+
 def _cpp_bool(flag):
     return "true" if flag else "false"
 
 
-def forward_spec(ctype, d, bn=None, wgs=None, qreg=None, use_tma=None, release=None):
+def forward_spec(ctype, d, bn=None, wgs=None, qreg=None, use_tma=None, release=None, ws=None):
+    ws = sm90_ws(d) if ws is None else ws
     bn = sm90_bn(d) if bn is None else bn
-    wgs = sm90_wgs(d) if wgs is None else wgs
+    wgs = 2 if ws else (sm90_wgs(d) if wgs is None else wgs)
     qreg = sm90_qreg(d) if qreg is None else qreg
-    use_tma = sm90_tma(d) if use_tma is None else use_tma
-    release = (sm90_release(d) if release is None else release) and use_tma
-    flags = ", ".join(_cpp_bool(f) for f in (qreg, use_tma, release))
+    use_tma = ws or (sm90_tma(d) if use_tma is None else use_tma)
+    release = ws or ((sm90_release(d) if release is None else release) and use_tma)
+    flags = ", ".join(_cpp_bool(f) for f in (qreg, use_tma, release, ws))
     return KernelSpec("cosine_fwd_sm90.cu", f"attn_fwd_wgmma<{d}, {ctype}, {bn}, {wgs}, {flags}>",
                       hopper=True)
 
 
-def forward_smem(d, bn, wgs):
-    # Q tile + 2-stage K and V rings + 8 mbarriers, plus 1 KiB to align the swizzled tiles to
-    # 1024 bytes.
-    return 64 * wgs * d * 2 + 4 * bn * d * 2 + 64 + 1024
+def forward_smem(d, bn, wgs, ws=False):
+    # Q tile + K and V rings (2 stages, 3 with WS) + their full and empty mbarriers, plus 1 KiB
+    # to align the swizzled tiles to 1024 bytes.
+    stages = 3 if ws else 2
+    return 64 * wgs * d * 2 + 2 * stages * bn * d * 2 + 4 * stages * 8 + 1024
 
 
 _SMEM_SET = {}
 
 
-def launch(ctype, d, args, b, h, i, bn=None, wgs=None, qreg=None, use_tma=None, release=None):
+def launch(ctype, d, args, b, h, i, bn=None, wgs=None, qreg=None, use_tma=None, release=None,
+           ws=None):
     """Launch the Hopper forward with attn_fwd_mma's argument tuple (plus the K and V tensor
     maps it makes when the variant loads by TMA)."""
     j, causal = int(args[14]), int(args[16])
+    ws = sm90_ws(d) if ws is None else ws
     bn = sm90_bn(d, j, causal) if bn is None else bn
-    wgs = sm90_wgs(d, j, causal) if wgs is None else wgs
-    use_tma = sm90_tma(d) if use_tma is None else use_tma
-    fn = get_function(forward_spec(ctype, d, bn, wgs, qreg, use_tma, release))
+    wgs = 2 if ws else (sm90_wgs(d, j, causal) if wgs is None else wgs)
+    use_tma = ws or (sm90_tma(d) if use_tma is None else use_tma)
+    fn = get_function(forward_spec(ctype, d, bn, wgs, qreg, use_tma, release, ws))
     if use_tma:
         k, v, hk = args[1], args[2], int(args[12])
         maps = (tma.rows_map(k.data.ptr, b * hk, j, d, bn), tma.rows_map(v.data.ptr, b * hk, j, d, bn))
     else:
         maps = (tma.ZERO_MAP, tma.ZERO_MAP)
-    smem = forward_smem(d, bn, wgs)
+    smem = forward_smem(d, bn, wgs, ws)
     if _SMEM_SET.get(id(fn), 0) < smem:      # once per kernel, before any graph capture
         fn.max_dynamic_shared_size_bytes = smem
         _SMEM_SET[id(fn)] = smem
     grid = (b * h * (-(-i // (64 * wgs))),)
-    fn(grid, (128 * wgs,), args + maps, shared_mem=smem)
+    fn(grid, (128 * (wgs + ws),), args + maps, shared_mem=smem)
 
 
 def covers_backward(dtype, d, deterministic):
@@ -218,9 +229,11 @@ def default_specs(ctype, d):
 def specs():
     """Every Hopper variant (for warm-up and the CI compile check, sm_90a only)."""
     cts = ("__half", "__nv_bfloat16")
-    return ([forward_spec(ct, d, bn, wgs, qreg, use_tma, release) for ct in cts
+    return ([forward_spec(ct, d, bn, wgs, qreg, use_tma, release, False) for ct in cts
              for d in SM90_HEAD_DIMS for bn in (64, 128) for wgs in (1, 2) for qreg in (True, False)
              for (use_tma, release) in ((True, False), (True, True), (False, False))]
+            + [forward_spec(ct, d, bn, 2, qreg, True, True, True) for ct in cts
+               for d in SM90_HEAD_DIMS for bn in (64, 128) for qreg in (True, False)]
             + [backward_spec(ct, d, dq, wgs, bm, use_tma) for ct in cts for d in SM90_HEAD_DIMS
                for (wgs, bm) in (((1, 64), (2, 64), (2, 128)) if d == 64 else ((2, 64),))
                for dq in ((0, 1, 2) if d == 64 else (0, 1)) for use_tma in (True, False)])

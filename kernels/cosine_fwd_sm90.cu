@@ -9,8 +9,11 @@
 // slots on load addresses; else every thread copies with cp.async. RELEASE (TMA only): instead of
 // a CTA barrier per key tile, each warp releases a ring stage on an mbarrier when its wgmmas
 // are done with it, and the issuing thread waits for that before refilling it, so warpgroups may
-// drift up to a tile apart (one's exponentials under the other's products). Per warpgroup and
-// key tile t:
+// drift up to a tile apart (one's exponentials under the other's products). WS (with RELEASE,
+// two consumer warpgroups): warp specialisation, a producer warpgroup in front of the consumers
+// whose thread 0 issues every K/V copy into a 3-stage ring as stages are released, the producer
+// giving its registers to the consumers (setmaxnreg 24 / 240). Per consumer warpgroup and key
+// tile t:
 //   issue S(t+1) = Q K(t+1)^T            (async, Q and K K-major in smem)
 //   issue O += P(t) V(t)                   (async, P from registers, V MN-major in smem)
 //   wait for S(t+1); exp2(S(t+1) * c - shift) while P(t) V(t) runs
@@ -20,8 +23,8 @@
 #include "sm90.cuh"
 using namespace cattn;
 
-template <int D, typename T, int BN, int WGS, bool QREG, bool TMA, bool RELEASE>
-__global__ void __launch_bounds__(128 * WGS, WGS == 1 ? 2 : 1)
+template <int D, typename T, int BN, int WGS, bool QREG, bool TMA, bool RELEASE, bool WS>
+__global__ void __launch_bounds__(WS ? 128 * WGS + 128 : 128 * WGS, WGS == 1 ? 2 : 1)
 attn_fwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                const T* __restrict__ bias, const unsigned char* __restrict__ mask,
                T* __restrict__ out, float* __restrict__ lse,
@@ -29,9 +32,11 @@ attn_fwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
                int B, int H, int HK, int I, int J, int Dim, int causal,
                float c_scale, float c_shift,
                const __grid_constant__ TmaMap tmap_k, const __grid_constant__ TmaMap tmap_v) {
-    constexpr int BM = 64 * WGS, STAGES = 2, THREADS = 128 * WGS;
+    // THREADS: the consumer threads (the warpgroups that compute); WS puts a producer in front.
+    constexpr int BM = 64 * WGS, STAGES = WS ? 3 : 2, THREADS = 128 * WGS;
     constexpr int TILE_Q = BM * D * 2, TILE_KV = BN * D * 2;
     static_assert(TMA || !RELEASE, "stage release needs the TMA loads");
+    static_assert(!WS || (RELEASE && WGS == 2), "the producer warpgroup serves two consumers by release");
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     unsigned char* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
     unsigned char* sQ = smem;
@@ -50,7 +55,8 @@ attn_fwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     const T* kb = head.kb;
     const T* vb = head.vb;
     const unsigned char* mask_b = head.mask_b;
-    const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+    // wg: this consumer warpgroup (-1 for WS's producer warpgroup 0).
+    const int wg = (int)(threadIdx.x / 128) - (WS ? 1 : 0), warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;
     const T* qb = q + ((long long)bh * I + m0) * D;
     const BiasView<T> bview{bias, bias_sb, bias_sh, bias_si};
@@ -170,14 +176,29 @@ attn_fwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
         }
         __syncthreads();
     }
+    if constexpr (WS) {
+        if (wg < 0) {   // the producer warpgroup: K(t), V(t) in order, each once its stage is free
+            setmaxnreg_dec<24>();
+            if (threadIdx.x == 0) {
+                for (int tile = 0; tile < n_tiles; ++tile) {
+                    load_k(tile);
+                    load_v(tile);
+                }
+            }
+            return;
+        }
+        setmaxnreg_inc<240>();
+    }
+    // Q by the consumer threads (cp.async, once); without WS thread 0 starts the K/V ring too.
     load_tile_sw128<BM, D, THREADS>(reinterpret_cast<T*>(sQ), qb, I - m0);
-    if (n_tiles > 0) load_k(0);
-    if (n_tiles > 1) load_k(1);
-    if (n_tiles > 0) load_v(0);
+    if (!WS && n_tiles > 0) load_k(0);
+    if (!WS && n_tiles > 1) load_k(1);
+    if (!WS && n_tiles > 0) load_v(0);
     cp_async_commit();
     cp_async_wait<0>();
     fence_async_smem();
-    __syncthreads();
+    if constexpr (WS) named_barrier_sync(1, THREADS);
+    else __syncthreads();
     if constexpr (QREG) {
         // The mma A-fragment layout: rows 16 warp + g (+8), columns 16 kk + 2t (+1) (+8).
         const int r = wg * 64 + warp * 16 + g;
@@ -212,8 +233,8 @@ attn_fwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
             fence_async_smem();
         }
         if constexpr (!RELEASE) __syncthreads();
-        if (tile + 2 < n_tiles) load_k(tile + 2);
-        if (tile + 1 < n_tiles) load_v(tile + 1);
+        if (!WS && tile + 2 < n_tiles) load_k(tile + 2);
+        if (!WS && tile + 1 < n_tiles) load_v(tile + 1);
         if constexpr (!TMA) cp_async_commit();
         if (tile + 1 < n_tiles) {
             float s[BN / 2];

@@ -124,6 +124,20 @@ __device__ __forceinline__ void tma_load_3d(void* dst, const TmaMap* map, int c0
                     "r"(c0), "r"(c1), "r"(c2), "r"(smem_addr(bar)) : "memory");
 }
 
+// Register budget of this warpgroup from here on (sm_90a; every thread of the warpgroup runs it):
+// a producer gives registers back, the consumers take them. Needs a register cap at kernel entry
+// (__launch_bounds__(threads, 1)) and one role per branch.
+template <int N> __device__ __forceinline__ void setmaxnreg_dec() {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(N));
+}
+template <int N> __device__ __forceinline__ void setmaxnreg_inc() {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(N));
+}
+// Named barrier `id` (1..15) over `count` threads (a multiple of 32), for a subset of the CTA.
+__device__ __forceinline__ void named_barrier_sync(int id, int count) {
+    asm volatile("bar.sync %0, %1;\n" :: "r"(id), "r"(count) : "memory");
+}
+
 // Pin registers at this point of the program: the compiler may not move their uses across it.
 // wgmma reads and writes registers asynchronously, so after a wgmma_wait the accumulators (and
 // the A fragments still read by an earlier wgmma) are pinned before ordinary code touches them.

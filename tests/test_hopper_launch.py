@@ -4,7 +4,7 @@ import pytest
 from cupy_cosine_attn import hopper_launch as hl
 
 KNOBS = ("CUPY_COSINE_ATTN_SM90_BN", "CUPY_COSINE_ATTN_SM90_WGS", "CUPY_COSINE_ATTN_SM90_QREG",
-         "CUPY_COSINE_ATTN_SM90_TMA", "CUPY_COSINE_ATTN_SM90_RELEASE",
+         "CUPY_COSINE_ATTN_SM90_TMA", "CUPY_COSINE_ATTN_SM90_RELEASE", "CUPY_COSINE_ATTN_SM90_WS",
          "CUPY_COSINE_ATTN_SM90_BWD_WGS", "CUPY_COSINE_ATTN_SM90_BWD_BM", "CUPY_COSINE_ATTN_SM90_DQ")
 SMEM_PER_BLOCK = 227 * 1024          # sm_90 opt-in maximum of dynamic shared memory per block
 
@@ -16,8 +16,8 @@ def no_knobs(monkeypatch):
 
 
 def test_default_variants_are_the_measured_ones():
-    assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 128, 1, true, true, false>"
-    assert hl.forward_spec("__nv_bfloat16", 128).name == "attn_fwd_wgmma<128, __nv_bfloat16, 128, 2, true, true, false>"
+    assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 128, 1, true, true, false, false>"
+    assert hl.forward_spec("__nv_bfloat16", 128).name == "attn_fwd_wgmma<128, __nv_bfloat16, 128, 2, true, true, false, false>"
     assert hl.backward_spec("__half", 64).name == "attn_bwd_wgmma<64, __half, 1, 2, 128, true>"
     assert hl.backward_spec("__nv_bfloat16", 128).name == "attn_bwd_wgmma<128, __nv_bfloat16, 1, 2, 64, true>"
 
@@ -28,8 +28,8 @@ def test_short_causal_calls_at_d128_use_the_small_tiles(monkeypatch):
     assert (hl.sm90_bn(128, 2048, False), hl.sm90_wgs(128, 2048, False)) == (128, 2)
     assert (hl.sm90_bn(64, 2048, True), hl.sm90_wgs(64, 2048, True)) == (128, 1)
     names = [s.name for s in hl.default_specs("__half", 128)]
-    assert names == ["attn_fwd_wgmma<128, __half, 128, 2, true, true, false>",
-                     "attn_fwd_wgmma<128, __half, 64, 1, true, true, false>",
+    assert names == ["attn_fwd_wgmma<128, __half, 128, 2, true, true, false, false>",
+                     "attn_fwd_wgmma<128, __half, 64, 1, true, true, false, false>",
                      "attn_bwd_wgmma<128, __half, 1, 2, 64, true>"]
     assert len(hl.default_specs("__half", 64)) == 2
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_BN", "128")     # a knob wins over the shape rule
@@ -48,11 +48,13 @@ def test_every_default_is_among_the_compiled_variants():
 def test_knobs_select_variants(monkeypatch):
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_BN", "64")
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_QREG", "0")
-    assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 64, 1, false, true, false>"
+    assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 64, 1, false, true, false, false>"
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_RELEASE", "1")
-    assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 64, 1, false, true, true>"
+    assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 64, 1, false, true, true, false>"
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_TMA", "0")      # stage release needs TMA: ignored
-    assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 64, 1, false, false, false>"
+    assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 64, 1, false, false, false, false>"
+    monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_WS", "1")       # implies TMA, release, two consumers
+    assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 64, 2, false, true, true, true>"
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_BWD_WGS", "1")
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_DQ", "0")
     # one warpgroup: only the 64-query tile exists
@@ -77,6 +79,7 @@ def test_every_variant_fits_in_shared_memory():
         for bn in (64, 128):
             for wgs in (1, 2):
                 assert hl.forward_smem(d, bn, wgs) <= SMEM_PER_BLOCK, (d, bn, wgs)
+            assert hl.forward_smem(d, bn, 2, ws=True) <= SMEM_PER_BLOCK, (d, bn, "ws")
         for wgs, bm in (((1, 64), (2, 64), (2, 128)) if d == 64 else ((2, 64),)):
             assert hl.backward_smem(d, wgs, bm) <= SMEM_PER_BLOCK, (d, wgs, bm)
 
