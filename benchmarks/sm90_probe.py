@@ -332,8 +332,9 @@ def speed(dtype, d, bns, ns, results, bwd_only=False, wgss=(1, 2), qregs=(False,
                                 row[key] = flops / timeit(lambda: run("sm90", dtype, q, k, v, None, None, causal, 8.0, bn, wgs, qr, tm, rl)) / 1e12
                     if ws:
                         for qr in qregs:
-                            key = f"sm90_bn{bn}_ws{'_qreg' if qr else ''}"
-                            row[key] = flops / timeit(lambda: run("sm90", dtype, q, k, v, None, None, causal, 8.0, bn, 2, qr, True, True, True)) / 1e12
+                            for mode in (1, 2):
+                                key = f"sm90_bn{bn}_ws{mode}{'_qreg' if qr else ''}"
+                                row[key] = flops / timeit(lambda: run("sm90", dtype, q, k, v, None, None, causal, 8.0, bn, 2, qr, True, True, mode)) / 1e12
             tq = torch.from_dlpack(q).view(tdt) if dtype != "float16" else torch.from_dlpack(q)
             tk = torch.from_dlpack(k).view(tdt) if dtype != "float16" else torch.from_dlpack(k)
             tv = torch.from_dlpack(v).view(tdt) if dtype != "float16" else torch.from_dlpack(v)
@@ -369,7 +370,8 @@ def main():
     ap.add_argument("--qregs", default="1", help="forward Q-in-registers settings (0,1) to check and time")
     ap.add_argument("--tmas", default="1", help="forward TMA-load settings (0,1) to check and time")
     ap.add_argument("--releases", default="0", help="forward stage-release settings (0,1; TMA only)")
-    ap.add_argument("--ws", action="store_true", help="also check and time the warp-specialised forward")
+    ap.add_argument("--ws", action="store_true",
+                    help="also check and time the warp-specialised forwards (1: producer, 2: + ping-pong)")
     ap.add_argument("--quick", action="store_true", help="time only the sm90 variants and the peers")
     args = ap.parse_args()
     out = Path(args.out)
@@ -408,13 +410,14 @@ def main():
                                     all_ok = False
                 if args.ws:
                     for qr in qregs:
-                        WGS_UNDER_TEST[0] = 2
-                        log(f" warp-specialised qreg={qr}")
-                        try:
-                            all_ok &= correctness(dtype, d, bn, res["correct"], qr, True, True, True)
-                        except Exception as ex:  # noqa: BLE001
-                            log("FWD FAIL ws", dtype, d, bn, qr, repr(ex)[:2000])
-                            all_ok = False
+                        for mode in (1, 2):
+                            WGS_UNDER_TEST[0] = 2
+                            log(f" warp-specialised {mode} qreg={qr}")
+                            try:
+                                all_ok &= correctness(dtype, d, bn, res["correct"], qr, True, True, mode)
+                            except Exception as ex:  # noqa: BLE001
+                                log("FWD FAIL ws", mode, dtype, d, bn, qr, repr(ex)[:2000])
+                                all_ok = False
             try:
                 all_ok &= bwd_correctness(dtype, d, res["correct"])
             except Exception as ex:  # noqa: BLE001

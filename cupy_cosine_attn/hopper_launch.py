@@ -23,7 +23,7 @@ _KNOBS = {
     "CUPY_COSINE_ATTN_SM90_QREG": (0, 1),         # forward: Q in registers for QK^T
     "CUPY_COSINE_ATTN_SM90_TMA": (0, 1),          # tiles by TMA (else cp.async): fwd K/V, bwd Q/dO
     "CUPY_COSINE_ATTN_SM90_RELEASE": (0, 1),      # forward with TMA: per-stage release, no CTA barrier
-    "CUPY_COSINE_ATTN_SM90_WS": (0, 1),           # forward: producer warpgroup + two consumers
+    "CUPY_COSINE_ATTN_SM90_WS": (0, 1, 2),        # forward: producer warpgroup (+ ping-pong: 2)
     "CUPY_COSINE_ATTN_SM90_BWD_WGS": (1, 2),      # backward, d = 64: warpgroups (64 keys each)
     "CUPY_COSINE_ATTN_SM90_BWD_BM": (64, 128),    # backward, d = 64 with 2 warpgroups: queries per step
     "CUPY_COSINE_ATTN_SM90_DQ": (0, 1, 2),        # backward: dQ by atomics / bulk rows / bulk blocks
@@ -99,9 +99,10 @@ def sm90_release(d):
 
 
 def sm90_ws(d):
-    """Warp-specialised forward: a producer warpgroup issuing the TMA copies in front of two
-    consumer warpgroups (implies TMA, stage release and two warpgroups)."""
-    return bool(_knob("CUPY_COSINE_ATTN_SM90_WS", 0))
+    """Warp-specialised forward: 1 = a producer warpgroup issuing the TMA copies in front of two
+    consumer warpgroups (implies TMA, stage release and two warpgroups); 2 = the same with the
+    consumers taking turns to issue their matrix products (ping-pong); 0 = off."""
+    return _knob("CUPY_COSINE_ATTN_SM90_WS", 0)
 
 
 def _cpp_bool(flag):
@@ -115,7 +116,7 @@ def forward_spec(ctype, d, bn=None, wgs=None, qreg=None, use_tma=None, release=N
     qreg = sm90_qreg(d) if qreg is None else qreg
     use_tma = ws or (sm90_tma(d) if use_tma is None else use_tma)
     release = ws or ((sm90_release(d) if release is None else release) and use_tma)
-    flags = ", ".join(_cpp_bool(f) for f in (qreg, use_tma, release, ws))
+    flags = ", ".join(_cpp_bool(f) for f in (qreg, use_tma, release)) + f", {int(ws)}"
     return KernelSpec("cosine_fwd_sm90.cu", f"attn_fwd_wgmma<{d}, {ctype}, {bn}, {wgs}, {flags}>",
                       hopper=True)
 
@@ -150,7 +151,7 @@ def launch(ctype, d, args, b, h, i, bn=None, wgs=None, qreg=None, use_tma=None, 
         fn.max_dynamic_shared_size_bytes = smem
         _SMEM_SET[id(fn)] = smem
     grid = (b * h * (-(-i // (64 * wgs))),)
-    fn(grid, (128 * (wgs + ws),), args + maps, shared_mem=smem)
+    fn(grid, (128 * (wgs + (1 if ws else 0)),), args + maps, shared_mem=smem)
 
 
 def covers_backward(dtype, d, deterministic):
@@ -229,11 +230,11 @@ def default_specs(ctype, d):
 def specs():
     """Every Hopper variant (for warm-up and the CI compile check, sm_90a only)."""
     cts = ("__half", "__nv_bfloat16")
-    return ([forward_spec(ct, d, bn, wgs, qreg, use_tma, release, False) for ct in cts
+    return ([forward_spec(ct, d, bn, wgs, qreg, use_tma, release, 0) for ct in cts
              for d in SM90_HEAD_DIMS for bn in (64, 128) for wgs in (1, 2) for qreg in (True, False)
              for (use_tma, release) in ((True, False), (True, True), (False, False))]
-            + [forward_spec(ct, d, bn, 2, qreg, True, True, True) for ct in cts
-               for d in SM90_HEAD_DIMS for bn in (64, 128) for qreg in (True, False)]
+            + [forward_spec(ct, d, bn, 2, qreg, True, True, ws) for ct in cts
+               for d in SM90_HEAD_DIMS for bn in (64, 128) for qreg in (True, False) for ws in (1, 2)]
             + [backward_spec(ct, d, dq, wgs, bm, use_tma) for ct in cts for d in SM90_HEAD_DIMS
                for (wgs, bm) in (((1, 64), (2, 64), (2, 128)) if d == 64 else ((2, 64),))
                for dq in ((0, 1, 2) if d == 64 else (0, 1)) for use_tma in (True, False)])

@@ -12,8 +12,10 @@
 // drift up to a tile apart (one's exponentials under the other's products). WS (with RELEASE,
 // two consumer warpgroups): warp specialisation, a producer warpgroup in front of the consumers
 // whose thread 0 issues every K/V copy into a 3-stage ring as stages are released, the producer
-// giving its registers to the consumers (setmaxnreg 24 / 240). Per consumer warpgroup and key
-// tile t:
+// giving its registers to the consumers (setmaxnreg 24 / 240). WS = 2 adds ping-pong: the two
+// consumers take turns to issue their matrix products (named barriers 2 and 3), so one's
+// exponentials run while the tensor cores work through the other's products. Per consumer
+// warpgroup and key tile t:
 //   issue S(t+1) = Q K(t+1)^T            (async, Q and K K-major in smem)
 //   issue O += P(t) V(t)                   (async, P from registers, V MN-major in smem)
 //   wait for S(t+1); exp2(S(t+1) * c - shift) while P(t) V(t) runs
@@ -23,7 +25,7 @@
 #include "sm90.cuh"
 using namespace cattn;
 
-template <int D, typename T, int BN, int WGS, bool QREG, bool TMA, bool RELEASE, bool WS>
+template <int D, typename T, int BN, int WGS, bool QREG, bool TMA, bool RELEASE, int WS>
 __global__ void __launch_bounds__(WS ? 128 * WGS + 128 : 128 * WGS, WGS == 1 ? 2 : 1)
 attn_fwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                const T* __restrict__ bias, const unsigned char* __restrict__ mask,
@@ -211,11 +213,23 @@ attn_fwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
             qa[kk][3] = *reinterpret_cast<const u32*>(sQ + sw128_offset<BM>(r + 8, c + 8));
         }
     }
+    // WS = 2: consumer w issues a group of products only on its turn (barrier 2 + w), then hands
+    // the turn over; consumer 0 starts, and consumer 1's last hand-over is left out, so every
+    // barrier sees as many arrivals as waits.
+    auto take_turn = [&]() { if constexpr (WS == 2) named_barrier_sync(2 + wg, THREADS); };
+    auto pass_turn = [&](bool last) {
+        if constexpr (WS == 2) {
+            if (!(wg == 1 && last)) named_barrier_arrive(3 - wg, THREADS);
+        }
+    };
+    if (WS == 2 && wg == 1 && n_tiles > 0) named_barrier_arrive(2, THREADS);
     pin(o);   // the zeroing of O must not sink past the first wgmma issue (C7515)
     if (n_tiles > 0) {
         float s[BN / 2];
         wait_k(0);
+        take_turn();
         issue_qk(s, 0);
+        pass_turn(false);
         wgmma_wait<0>();
         pin(s);
         release(0, 0);
@@ -239,9 +253,11 @@ attn_fwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
         if (tile + 1 < n_tiles) {
             float s[BN / 2];
             wait_k(tile + 1);
-            issue_qk(s, tile + 1);
             wait_v(tile);
+            take_turn();
+            issue_qk(s, tile + 1);
             issue_pv(tile);
+            pass_turn(false);
             wgmma_wait<1>();
             pin(s);
             release(0, tile + 1);
@@ -253,7 +269,9 @@ attn_fwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
             to_p(s);
         } else {
             wait_v(tile);
+            take_turn();
             issue_pv(tile);
+            pass_turn(true);
             wgmma_wait<0>();
             pin(o);
         }

@@ -138,6 +138,11 @@ __device__ __forceinline__ void named_barrier_sync(int id, int count) {
     asm volatile("bar.sync %0, %1;\n" :: "r"(id), "r"(count) : "memory");
 }
 
+// Arrive at named barrier `id` without waiting (the other side of a named_barrier_sync).
+__device__ __forceinline__ void named_barrier_arrive(int id, int count) {
+    asm volatile("bar.arrive %0, %1;\n" :: "r"(id), "r"(count) : "memory");
+}
+
 // Pin registers at this point of the program: the compiler may not move their uses across it.
 // wgmma reads and writes registers asynchronously, so after a wgmma_wait the accumulators (and
 // the A fragments still read by an earlier wgmma) are pinned before ordinary code touches them.

@@ -16,8 +16,8 @@ def no_knobs(monkeypatch):
 
 
 def test_default_variants_are_the_measured_ones():
-    assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 128, 1, true, true, false, false>"
-    assert hl.forward_spec("__nv_bfloat16", 128).name == "attn_fwd_wgmma<128, __nv_bfloat16, 128, 2, true, true, false, false>"
+    assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 128, 1, true, true, false, 0>"
+    assert hl.forward_spec("__nv_bfloat16", 128).name == "attn_fwd_wgmma<128, __nv_bfloat16, 128, 2, true, true, false, 0>"
     assert hl.backward_spec("__half", 64).name == "attn_bwd_wgmma<64, __half, 1, 2, 128, true>"
     assert hl.backward_spec("__nv_bfloat16", 128).name == "attn_bwd_wgmma<128, __nv_bfloat16, 1, 2, 64, true>"
 
@@ -28,8 +28,8 @@ def test_short_causal_calls_at_d128_use_the_small_tiles(monkeypatch):
     assert (hl.sm90_bn(128, 2048, False), hl.sm90_wgs(128, 2048, False)) == (128, 2)
     assert (hl.sm90_bn(64, 2048, True), hl.sm90_wgs(64, 2048, True)) == (128, 1)
     names = [s.name for s in hl.default_specs("__half", 128)]
-    assert names == ["attn_fwd_wgmma<128, __half, 128, 2, true, true, false, false>",
-                     "attn_fwd_wgmma<128, __half, 64, 1, true, true, false, false>",
+    assert names == ["attn_fwd_wgmma<128, __half, 128, 2, true, true, false, 0>",
+                     "attn_fwd_wgmma<128, __half, 64, 1, true, true, false, 0>",
                      "attn_bwd_wgmma<128, __half, 1, 2, 64, true>"]
     assert len(hl.default_specs("__half", 64)) == 2
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_BN", "128")     # a knob wins over the shape rule
@@ -48,13 +48,15 @@ def test_every_default_is_among_the_compiled_variants():
 def test_knobs_select_variants(monkeypatch):
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_BN", "64")
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_QREG", "0")
-    assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 64, 1, false, true, false, false>"
+    assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 64, 1, false, true, false, 0>"
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_RELEASE", "1")
-    assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 64, 1, false, true, true, false>"
+    assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 64, 1, false, true, true, 0>"
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_TMA", "0")      # stage release needs TMA: ignored
-    assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 64, 1, false, false, false, false>"
+    assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 64, 1, false, false, false, 0>"
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_WS", "1")       # implies TMA, release, two consumers
-    assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 64, 2, false, true, true, true>"
+    assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 64, 2, false, true, true, 1>"
+    monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_WS", "2")       # plus ping-pong
+    assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 64, 2, false, true, true, 2>"
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_BWD_WGS", "1")
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_DQ", "0")
     # one warpgroup: only the 64-query tile exists

@@ -530,7 +530,7 @@ def test_warmup_sm90a_compiles_what_a_hopper_gpu_loads(cache, nvrtc_calls, capsy
     assert cli.main(["warmup", "--arch", "sm_90a", "--dims", "64", "--dtypes", "bf16"]) == 0
     out = capsys.readouterr().out
     assert "[1/12] l2norm_rows<__nv_bfloat16> sm_90 " in out
-    assert "attn_fwd_wgmma<64, __nv_bfloat16, 128, 1, true, true, false, false> sm_90a " in out     # Hopper-only variants
+    assert "attn_fwd_wgmma<64, __nv_bfloat16, 128, 1, true, true, false, 0> sm_90a " in out     # Hopper-only variants
     assert {tuple(a) for _, a in nvrtc_calls} == {("-arch=sm_90",), ("-arch=sm_90a",)}
     for spec in cli.warmup_specs(["bfloat16"], [64]):
         assert kb.lookup(spec, kb.device_arch(spec, "90")) is not None
