@@ -307,20 +307,25 @@ def speed(dtype, d, bns, ns, results, bwd_only=False, wgss=(1, 2), qregs=(False,
             _, lse = run("sm80", dtype, q, k, v, None, None, causal, 8.0)
             delta = cp.zeros(lse.shape, dtype=cp.float32)
             bflops = 2.5 * flops
+            fwd_only = d not in hopper_launch.SM90_HEAD_DIMS    # forward-only head dim (d = 256)
+            if fwd_only:
+                bwd_only = False
             if bwd_only:
                 row["bwd_sm90"] = bflops / timeit(lambda: run_bwd("sm90", dtype, q, k, v, dout, lse, delta, None, None, causal, 8.0), 5) / 1e12
                 results.append(row)
                 log("  " + " ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
                 continue
-            if not quick:
+            if not quick and not fwd_only:
                 row["bwd_sm80"] = bflops / timeit(lambda: run_bwd("sm80", dtype, q, k, v, dout, lse, delta, None, None, causal, 8.0), 5) / 1e12
-            row["bwd_sm90"] = bflops / timeit(lambda: run_bwd("sm90", dtype, q, k, v, dout, lse, delta, None, None, causal, 8.0), 5) / 1e12
+            if not fwd_only:
+                row["bwd_sm90"] = bflops / timeit(lambda: run_bwd("sm90", dtype, q, k, v, dout, lse, delta, None, None, causal, 8.0), 5) / 1e12
             if d == 64:
                 row["bwd_sm90_dqblock"] = bflops / timeit(lambda: run_bwd("sm90", dtype, q, k, v, dout, lse, delta, None, None, causal, 8.0, dqm=2), 5) / 1e12
                 row["bwd_sm90_w1_bm64"] = bflops / timeit(lambda: run_bwd("sm90", dtype, q, k, v, dout, lse, delta, None, None, causal, 8.0, wgs=1, bm=64), 5) / 1e12
                 row["bwd_sm90_w2_bm64"] = bflops / timeit(lambda: run_bwd("sm90", dtype, q, k, v, dout, lse, delta, None, None, causal, 8.0, wgs=2, bm=64), 5) / 1e12
-            row["bwd_sm90_cpasync"] = bflops / timeit(lambda: run_bwd("sm90", dtype, q, k, v, dout, lse, delta, None, None, causal, 8.0, tma=False), 5) / 1e12
-            row["bwd_sm90_atomic"] = bflops / timeit(lambda: run_bwd("sm90", dtype, q, k, v, dout, lse, delta, None, None, causal, 8.0, dqm=0), 5) / 1e12
+            if not fwd_only:
+                row["bwd_sm90_cpasync"] = bflops / timeit(lambda: run_bwd("sm90", dtype, q, k, v, dout, lse, delta, None, None, causal, 8.0, tma=False), 5) / 1e12
+                row["bwd_sm90_atomic"] = bflops / timeit(lambda: run_bwd("sm90", dtype, q, k, v, dout, lse, delta, None, None, causal, 8.0, dqm=0), 5) / 1e12
             if not quick:
                 row["sm80"] = flops / timeit(lambda: run("sm80", dtype, q, k, v, None, None, causal, 8.0)) / 1e12
             for bn in [b or hopper_launch.sm90_bn(d) for b in bns]:
@@ -418,6 +423,8 @@ def main():
                             except Exception as ex:  # noqa: BLE001
                                 log("FWD FAIL ws", mode, dtype, d, bn, qr, repr(ex)[:2000])
                                 all_ok = False
+            if d not in hopper_launch.SM90_HEAD_DIMS:
+                continue   # forward-only head dim (d = 256)
             try:
                 all_ok &= bwd_correctness(dtype, d, res["correct"])
             except Exception as ex:  # noqa: BLE001

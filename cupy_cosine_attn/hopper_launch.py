@@ -13,7 +13,9 @@ import os
 from . import tma
 from .kernel_build import KernelSpec, get_function
 
-SM90_HEAD_DIMS = (64, 128)
+SM90_HEAD_DIMS = (64, 128)             # forward and backward
+SM90_FWD_HEAD_DIMS = (64, 128, 256)    # forward only at 256 (the backward's dK, dV do not fit)
+SMEM_LIMIT = 227 * 1024                # sm_90 opt-in maximum of dynamic shared memory per block
 
 # Tuning knobs (environment): the defaults are the fastest variants measured on an H200
 # (benchmarks/NOTES.md); each knob takes only the values its kernel template is built for.
@@ -58,13 +60,13 @@ def _small_causal(d, j, causal):
 def sm90_bn(d, j=None, causal=False):
     """Keys per forward tile (measured on an H200: benchmarks/NOTES.md); j and causal describe
     the call (None: the long-sequence choice)."""
-    return _knob("CUPY_COSINE_ATTN_SM90_BN", 64 if _small_causal(d, j, causal) else 128)
+    return _knob("CUPY_COSINE_ATTN_SM90_BN", 64 if d == 256 or _small_causal(d, j, causal) else 128)
 
 
 def sm90_wgs(d, j=None, causal=False):
     """Consumer warpgroups (64 query rows each) per forward CTA (measured: benchmarks/NOTES.md)."""
     return _knob("CUPY_COSINE_ATTN_SM90_WGS",
-                 1 if d == 64 or _small_causal(d, j, causal) else 2)
+                 1 if d == 64 or _small_causal(d, j, causal) else 2)   # d = 256: two
 
 
 def sm90_enabled():
@@ -78,13 +80,14 @@ def device_is_sm90():
 
 def covers(dtype, d, online):
     """True when the Hopper forward handles this (dtype, head dim, shift kind) on this device."""
-    return (sm90_enabled() and dtype in ("float16", "bfloat16") and d in SM90_HEAD_DIMS
+    return (sm90_enabled() and dtype in ("float16", "bfloat16") and d in SM90_FWD_HEAD_DIMS
             and not online and device_is_sm90())
 
 
 def sm90_qreg(d):
-    """Q as register A fragments for QK^T (RS form) in the forward, else from smem (SS form)."""
-    return bool(_knob("CUPY_COSINE_ATTN_SM90_QREG", 1))
+    """Q as register A fragments for QK^T (RS form) in the forward, else from smem (SS form;
+    the default at d = 256, where Q would take 64 registers beside O's 128)."""
+    return bool(_knob("CUPY_COSINE_ATTN_SM90_QREG", 0 if d == 256 else 1))
 
 
 def sm90_tma(d):
@@ -140,13 +143,17 @@ def launch(ctype, d, args, b, h, i, bn=None, wgs=None, qreg=None, use_tma=None, 
     bn = sm90_bn(d, j, causal) if bn is None else bn
     wgs = 2 if ws else (sm90_wgs(d, j, causal) if wgs is None else wgs)
     use_tma = ws or (sm90_tma(d) if use_tma is None else use_tma)
+    smem = forward_smem(d, bn, wgs, ws)
+    if smem > SMEM_LIMIT:     # only reachable through the tuning knobs
+        raise ValueError(f"the Hopper forward at d={d} with {bn}-key tiles, {wgs} warpgroups"
+                         f"{' and warp specialisation' if ws else ''} needs {smem} bytes of shared "
+                         f"memory (at most {SMEM_LIMIT}): change CUPY_COSINE_ATTN_SM90_BN / _WGS / _WS")
     fn = get_function(forward_spec(ctype, d, bn, wgs, qreg, use_tma, release, ws))
     if use_tma:
         k, v, hk = args[1], args[2], int(args[12])
         maps = (tma.rows_map(k.data.ptr, b * hk, j, d, bn), tma.rows_map(v.data.ptr, b * hk, j, d, bn))
     else:
         maps = (tma.ZERO_MAP, tma.ZERO_MAP)
-    smem = forward_smem(d, bn, wgs, ws)
     if _SMEM_SET.get(id(fn), 0) < smem:      # once per kernel, before any graph capture
         fn.max_dynamic_shared_size_bytes = smem
         _SMEM_SET[id(fn)] = smem
@@ -224,7 +231,8 @@ def default_specs(ctype, d):
     """The variants calls of this dtype and head dim launch by default (for warm-up)."""
     fwd = [forward_spec(ctype, d)]
     small = forward_spec(ctype, d, sm90_bn(d, 1, True), sm90_wgs(d, 1, True))
-    return fwd + ([small] if small != fwd[0] else []) + [backward_spec(ctype, d)]
+    bwd = [backward_spec(ctype, d)] if d in SM90_HEAD_DIMS else []
+    return fwd + ([small] if small != fwd[0] else []) + bwd
 
 
 def specs():
@@ -235,6 +243,9 @@ def specs():
              for (use_tma, release) in ((True, False), (True, True), (False, False))]
             + [forward_spec(ct, d, bn, 2, qreg, True, True, ws) for ct in cts
                for d in SM90_HEAD_DIMS for bn in (64, 128) for qreg in (True, False) for ws in (1, 2)]
+            # d = 256: 64-key tiles (the only ones that fit), Q from shared memory
+            + [forward_spec(ct, 256, 64, wgs, False, use_tma, release, 0) for ct in cts
+               for wgs in (1, 2) for (use_tma, release) in ((True, False), (True, True), (False, False))]
             + [backward_spec(ct, d, dq, wgs, bm, use_tma) for ct in cts for d in SM90_HEAD_DIMS
                for (wgs, bm) in (((1, 64), (2, 64), (2, 128)) if d == 64 else ((2, 64),))
                for dq in ((0, 1, 2) if d == 64 else (0, 1)) for use_tma in (True, False)])

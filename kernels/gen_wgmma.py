@@ -5,7 +5,7 @@ Run `python kernels/gen_wgmma.py` after editing; a test checks the committed hea
 """
 from pathlib import Path
 
-SHAPES = (64, 128)          # N of m64nNk16 (keys per tile for QK^T, head dim for PV)
+SHAPES = (64, 128, 256)     # N of m64nNk16 (keys per tile for QK^T, head dim for PV)
 TYPES = (("__half", "f16"), ("__nv_bfloat16", "bf16"))
 
 HEAD = """\

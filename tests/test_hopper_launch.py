@@ -92,3 +92,20 @@ def test_one_warpgroup_defaults_leave_room_for_two_ctas_per_sm():
         for j, causal in ((16384, False), (2048, True)):
             if hl.sm90_wgs(d, j, causal) == 1:
                 assert 2 * (hl.forward_smem(d, hl.sm90_bn(d, j, causal), 1) + 1024) <= 228 * 1024
+
+
+def test_d256_runs_the_hopper_forward_only():
+    assert 256 in hl.SM90_FWD_HEAD_DIMS and 256 not in hl.SM90_HEAD_DIMS
+    assert hl.forward_spec("__half", 256).name == "attn_fwd_wgmma<256, __half, 64, 2, false, true, false, 0>"
+    assert hl.forward_smem(256, 64, 2) <= SMEM_PER_BLOCK
+    assert [s.name for s in hl.default_specs("__half", 256)] == [hl.forward_spec("__half", 256).name]
+    assert hl.forward_spec("__half", 256).name in {s.name for s in hl.specs()}
+
+
+def test_knobs_that_overflow_shared_memory_are_refused_before_compiling(monkeypatch):
+    import numpy as np
+    monkeypatch.setattr(hl, "get_function", lambda spec: pytest.fail("compiled"))
+    monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_BN", "128")
+    args = (None,) * 12 + (np.int32(1), np.int32(1), np.int32(4096), np.int32(0), np.int32(0))
+    with pytest.raises(ValueError, match="CUPY_COSINE_ATTN_SM90_BN"):
+        hl.launch("__half", 256, args, 1, 1, 4096)
