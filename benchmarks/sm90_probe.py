@@ -292,7 +292,7 @@ def timeit(fn, reps=20):
 
 
 def speed(dtype, d, bns, ns, results, bwd_only=False, wgss=(1, 2), qregs=(False,), quick=False,
-          tmas=(True,), releases=(False,), ws=False):
+          tmas=(True,), releases=(False,), ws=False, fwd_only=False):
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import sdpa_kernel, SDPBackend
@@ -307,7 +307,7 @@ def speed(dtype, d, bns, ns, results, bwd_only=False, wgss=(1, 2), qregs=(False,
             _, lse = run("sm80", dtype, q, k, v, None, None, causal, 8.0)
             delta = cp.zeros(lse.shape, dtype=cp.float32)
             bflops = 2.5 * flops
-            fwd_only = d not in hopper_launch.SM90_HEAD_DIMS    # forward-only head dim (d = 256)
+            fwd_only = fwd_only or d not in hopper_launch.SM90_HEAD_DIMS   # d = 256 has no sm90 backward
             if fwd_only:
                 bwd_only = False
             if bwd_only:
@@ -319,7 +319,7 @@ def speed(dtype, d, bns, ns, results, bwd_only=False, wgss=(1, 2), qregs=(False,
                 row["bwd_sm80"] = bflops / timeit(lambda: run_bwd("sm80", dtype, q, k, v, dout, lse, delta, None, None, causal, 8.0), 5) / 1e12
             if not fwd_only:
                 row["bwd_sm90"] = bflops / timeit(lambda: run_bwd("sm90", dtype, q, k, v, dout, lse, delta, None, None, causal, 8.0), 5) / 1e12
-            if d == 64:
+            if d == 64 and not fwd_only:
                 row["bwd_sm90_dqblock"] = bflops / timeit(lambda: run_bwd("sm90", dtype, q, k, v, dout, lse, delta, None, None, causal, 8.0, dqm=2), 5) / 1e12
                 row["bwd_sm90_w1_bm64"] = bflops / timeit(lambda: run_bwd("sm90", dtype, q, k, v, dout, lse, delta, None, None, causal, 8.0, wgs=1, bm=64), 5) / 1e12
                 row["bwd_sm90_w2_bm64"] = bflops / timeit(lambda: run_bwd("sm90", dtype, q, k, v, dout, lse, delta, None, None, causal, 8.0, wgs=2, bm=64), 5) / 1e12
@@ -371,6 +371,7 @@ def main():
     ap.add_argument("--ns", default="2048,8192,16384")
     ap.add_argument("--speed-dtypes", default="bfloat16")
     ap.add_argument("--bwd-only", action="store_true", help="check and time the backward only")
+    ap.add_argument("--fwd-only", action="store_true", help="check and time the forward only")
     ap.add_argument("--wgs", default="1,2", help="forward warpgroups per CTA to check and time")
     ap.add_argument("--qregs", default="1", help="forward Q-in-registers settings (0,1) to check and time")
     ap.add_argument("--tmas", default="1", help="forward TMA-load settings (0,1) to check and time")
@@ -423,8 +424,8 @@ def main():
                             except Exception as ex:  # noqa: BLE001
                                 log("FWD FAIL ws", mode, dtype, d, bn, qr, repr(ex)[:2000])
                                 all_ok = False
-            if d not in hopper_launch.SM90_HEAD_DIMS:
-                continue   # forward-only head dim (d = 256)
+            if d not in hopper_launch.SM90_HEAD_DIMS or args.fwd_only:
+                continue   # forward-only head dim (d = 256) or run
             try:
                 all_ok &= bwd_correctness(dtype, d, res["correct"])
             except Exception as ex:  # noqa: BLE001
@@ -437,7 +438,7 @@ def main():
     for dtype in args.speed_dtypes.split(","):
         for d in dims:
             speed(dtype, d, bns, [int(x) for x in args.ns.split(",")], res["speed"], args.bwd_only,
-                  wgss, qregs, args.quick, tmas, releases, args.ws)
+                  wgss, qregs, args.quick, tmas, releases, args.ws, args.fwd_only)
     (out / "sm90_probe.json").write_text(json.dumps(res, indent=1, default=str))
     (out / "sm90_probe.log").write_text("\n".join(LOG) + "\n")
 

@@ -508,10 +508,14 @@ def gpu_backward(problem, dout, out, lse, dq, dk, dv, dbias, deterministic=False
     check_head_dim(d)
     dtype = problem.dtype
     ws = workspace()
-    for x in (dq, dk, dv) + ((dbias,) if dbias is not None else ()):
-        x.fill(0)
+    if dbias is not None:
+        dbias.fill(0)        # accumulated into (atomics or the broadcast sum)
     if b * h * i == 0 or j == 0:
+        for x in (dq, dk, dv):
+            x.fill(0)        # no query or no key: every gradient is zero
         return
+    # From here the kernels write every element of dq, dk and dv (the suite checks it with
+    # NaN-poisoned outputs), so they are not cleared first: 3 fewer passes over memory.
     qhat, rq = normalize(problem.q, dtype, problem.groups, problem.l2norm_qk)
     khat, rk = normalize(problem.k, dtype, problem.groups, problem.l2norm_qk)
     v = contiguous_aligned(problem.v)
