@@ -15,12 +15,17 @@ import cupy_cosine_attn as ca  # noqa: E402
 def main():
     g = torch.Generator(device="cuda").manual_seed(0)
     for dt in (torch.float16, torch.bfloat16, torch.float32):
-        # the last two span several key and query tiles (the Hopper kernels' stage rings)
-        for d, causal, bias_kind, det, hk, i, j in ((64, True, "heads", False, 1, 70, 90),
-                                                    (40, False, "full", True, 2, 70, 90),
-                                                    (128, True, None, False, 2, 70, 90),
-                                                    (64, True, None, False, 2, 200, 333),
-                                                    (128, False, None, False, 1, 150, 300)):
+        # the 4th and 5th span several key and query tiles (the Hopper kernels' stage rings);
+        # d = 256 runs the Hopper forward at d = 256; d = 24 and d = 96 with 4 groups reach the
+        # normalisation passes with idle lanes and their one-warp-per-row fallback
+        for d, causal, bias_kind, det, hk, i, j, groups in ((64, True, "heads", False, 1, 70, 90, 1),
+                                                            (40, False, "full", True, 2, 70, 90, 1),
+                                                            (128, True, None, False, 2, 70, 90, 1),
+                                                            (64, True, None, False, 2, 200, 333, 1),
+                                                            (128, False, None, False, 1, 150, 300, 1),
+                                                            (256, True, None, False, 2, 150, 200, 1),
+                                                            (24, False, None, False, 2, 70, 90, 1),
+                                                            (96, True, None, False, 2, 70, 90, 4)):
             b, h = 2, 2
             q, k, v = (torch.randn(b, hh, n, d, device="cuda", generator=g, dtype=dt).requires_grad_()
                        for hh, n in ((h, i), (hk, j), (hk, j)))
@@ -31,10 +36,10 @@ def main():
             elif bias_kind == "full":
                 bias = torch.randn(b, h, i, j, device="cuda", generator=g, dtype=dt).requires_grad_()
             out = ca.flash_cosine_sim_attention(q, k, v, mask=mask, attn_bias=bias, causal=causal,
-                                                deterministic=det)
+                                                deterministic=det, groups=groups, scale=8.0 / groups)
             out.float().sum().backward()
             torch.cuda.synchronize()
-            print(dt, d, causal, bias_kind, det, "ok", flush=True)
+            print(dt, d, causal, bias_kind, det, groups, "ok", flush=True)
 
 
 if __name__ == "__main__":

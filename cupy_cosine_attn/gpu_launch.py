@@ -97,6 +97,33 @@ def _rows_grid(rows):
     return (max(1, -(-rows // WARPS_PER_ROW_BLOCK)),), (32 * WARPS_PER_ROW_BLOCK,)
 
 
+V8_BLOCK = 256
+
+
+def row_v8_layout(d, groups):
+    """(threads per row, threads per summed group) of prep.cu's *_v8 row kernels (8 elements per
+    thread), or None where they do not apply: a group must be 8·2^k elements wide so that its sum
+    is a butterfly over aligned lanes."""
+    if d % 8 or not 8 <= d <= 256:
+        return None
+    tpr = 1 << (d // 8 - 1).bit_length()
+    if groups == 1:
+        return tpr, tpr
+    per = d // groups // 8
+    if d % groups or (d // groups) % 8 or per & (per - 1):
+        return None
+    return tpr, per
+
+
+def _v8_launch(name, dtype, rows, tpr, arrays, tail):
+    """Launch prep.cu's `name`_v8 over `rows` rows if every array is 16-byte aligned; False if not."""
+    if any(a.data.ptr % 16 for a in arrays):
+        return False
+    grid = (-(-rows // (V8_BLOCK // tpr)),)
+    _launch(KernelSpec("prep.cu", f"{name}_v8<{CTYPE[dtype]}>"), grid, (V8_BLOCK,), tuple(arrays) + tail)
+    return True
+
+
 # ---------------------------------------------------------------------------------------------
 # Workspace: where temporaries come from, and whether the current stream is being captured
 # ---------------------------------------------------------------------------------------------
@@ -265,9 +292,12 @@ def normalize(x, dtype, groups, l2norm):
     xhat = ws.empty(x.shape, x.dtype)
     r = ws.empty((rows, groups), np.float32)
     if rows:
-        grid, block = _rows_grid(rows)
-        _launch(KernelSpec("prep.cu", f"l2norm_rows<{CTYPE[dtype]}>"), grid, block,
-                (x, xhat, r, np.int64(rows), _i32(d), _i32(groups)))
+        layout = row_v8_layout(d, groups)
+        if not (layout and _v8_launch("l2norm_rows", dtype, rows, layout[0], (x, xhat, r),
+                                      (np.int64(rows), _i32(d), _i32(groups)) + tuple(map(_i32, layout)))):
+            grid, block = _rows_grid(rows)
+            _launch(KernelSpec("prep.cu", f"l2norm_rows<{CTYPE[dtype]}>"), grid, block,
+                    (x, xhat, r, np.int64(rows), _i32(d), _i32(groups)))
     return xhat, r
 
 
@@ -433,9 +463,12 @@ def _normalize_backward(dst, dxhat32, xhat, r, dtype, groups):
     d = xhat.shape[-1]
     rows = xhat.size // d if d else 0
     if rows:
-        grid, block = _rows_grid(rows)
-        _launch(KernelSpec("prep.cu", f"l2norm_backward<{CTYPE[dtype]}>"), grid, block,
-                (dxhat32, xhat, r, dst, np.int64(rows), _i32(d), _i32(groups)))
+        layout = row_v8_layout(d, groups)
+        if not (layout and _v8_launch("l2norm_backward", dtype, rows, layout[0], (dxhat32, xhat, r, dst),
+                                      (np.int64(rows), _i32(d), _i32(groups)) + tuple(map(_i32, layout)))):
+            grid, block = _rows_grid(rows)
+            _launch(KernelSpec("prep.cu", f"l2norm_backward<{CTYPE[dtype]}>"), grid, block,
+                    (dxhat32, xhat, r, dst, np.int64(rows), _i32(d), _i32(groups)))
 
 
 def _bias_is_direct(problem):
@@ -523,9 +556,12 @@ def gpu_backward(problem, dout, out, lse, dq, dk, dv, dbias, deterministic=False
     out = contiguous_aligned(out)
     lse = contiguous_aligned(lse)
     delta = ws.empty((b, h, i), np.float32)
-    grid, block = _rows_grid(b * h * i)
-    _launch(KernelSpec("prep.cu", f"row_dot<{CTYPE[dtype]}>"), grid, block,
-            (dout, out, delta, np.int64(b * h * i), _i32(d)))
+    layout = row_v8_layout(d, 1)
+    if not (layout and _v8_launch("row_dot", dtype, b * h * i, layout[0], (dout, out, delta),
+                                  (np.int64(b * h * i), _i32(d), _i32(layout[0])))):
+        grid, block = _rows_grid(b * h * i)
+        _launch(KernelSpec("prep.cu", f"row_dot<{CTYPE[dtype]}>"), grid, block,
+                (dout, out, delta, np.int64(b * h * i), _i32(d)))
 
     bias, (sb, sh, si) = bias_args(problem.bias, dtype)
     mask = mask_arg(problem.mask)
@@ -590,7 +626,8 @@ def kernel_specs(dtype, d):
     ct = CTYPE[dtype]
     dp = padded_dim(dtype, d)
     specs = [KernelSpec("prep.cu", f"{fn}<{ct}>")
-             for fn in ("l2norm_rows", "l2norm_backward", "scale_cast", "cast_to_float", "row_dot")]
+             for fn in ("l2norm_rows", "l2norm_backward", "scale_cast", "cast_to_float", "row_dot",
+                        "l2norm_rows_v8", "l2norm_backward_v8", "row_dot_v8")]
     for flag in ("false", "true"):
         if dtype == "float32":
             specs.append(KernelSpec("cosine_fwd.cu", f"attn_fwd_simt<{dp}, {flag}>"))

@@ -2,8 +2,112 @@
 //   l2norm_rows      xhat = x * r per group (r = 1/||x_g||, 0 for zero groups), keeps r
 //   l2norm_backward  dx = r * (dxhat - xhat <xhat, dxhat>) per group
 //   row_dot          D = <dout, out> per row (backward)
+// The *_v8 kernels do the same with 8 consecutive elements per thread (16-byte loads of a 2-byte
+// type) and `tpr` threads per row: one warp per row at d = 64 reads 4 bytes per lane, a third of
+// the bandwidth these memory-bound passes need. The launch layer picks them where they apply.
 #include "tile.cuh"
 using namespace cattn;
+
+// 8 elements at p (16-byte aligned) as floats, and back.
+template <typename T>
+__device__ __forceinline__ void load8(const T* p, float (&f)[8]) {
+    constexpr int W = sizeof(T) / 2;                  // 16-byte words: 1 for 2-byte types, 2 for float
+    uint4 u[W];
+#pragma unroll
+    for (int w = 0; w < W; ++w) u[w] = reinterpret_cast<const uint4*>(p)[w];
+    const T* e = reinterpret_cast<const T*>(u);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) f[k] = to_float(e[k]);
+}
+template <typename T>
+__device__ __forceinline__ void store8(T* p, const float (&f)[8]) {
+    constexpr int W = sizeof(T) / 2;
+    uint4 u[W];
+    T* e = reinterpret_cast<T*>(u);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) e[k] = from_float<T>(f[k]);
+#pragma unroll
+    for (int w = 0; w < W; ++w) reinterpret_cast<uint4*>(p)[w] = u[w];
+}
+
+// Where a thread of the *_v8 kernels works: `tpr` threads per row (a power of two, tpr * 8 >= d).
+// Threads past the last row or column load zeros and store nothing, but still take part in the
+// shuffles (all 32 lanes of every warp are present).
+struct RowSlot {
+    long long row;
+    int col;          // first of this thread's 8 elements
+    bool live;
+    __device__ RowSlot(long long rows, int d, int tpr) {
+        int rows_per_block = blockDim.x / tpr;
+        row = (long long)blockIdx.x * rows_per_block + threadIdx.x / tpr;
+        col = (threadIdx.x % tpr) * 8;
+        live = row < rows && col < d;
+    }
+};
+
+// Sum over aligned runs of `seg` lanes (a power of two): a group's sum when each group is seg
+// threads wide, the row's sum when seg = tpr.
+__device__ __forceinline__ float seg_sum(float s, int seg) {
+    for (int o = 1; o < seg; o <<= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    return s;
+}
+
+template <typename T>
+__global__ void l2norm_rows_v8(const T* __restrict__ x, T* __restrict__ xhat, float* __restrict__ rnorm,
+                               long long rows, int d, int groups, int tpr, int seg) {
+    RowSlot at(rows, d, tpr);
+    float v[8] = {};
+    if (at.live) load8(x + at.row * d + at.col, v);
+    float ss = 0.f;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) ss += v[k] * v[k];
+    ss = seg_sum(ss, seg);
+    float norm = sqrtf(ss);
+    float r = norm > 1e-12f ? 1.0f / norm : 0.f;
+    if (!at.live) return;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) v[k] *= r;
+    store8(xhat + at.row * d + at.col, v);
+    int g = at.col * groups / d;
+    if (at.col == g * (d / groups)) rnorm[at.row * groups + g] = r;    // first thread of its group
+}
+
+template <typename T>
+__global__ void l2norm_backward_v8(const float* __restrict__ dxhat, const T* __restrict__ xhat,
+                                   const float* __restrict__ rnorm, T* __restrict__ dx,
+                                   long long rows, int d, int groups, int tpr, int seg) {
+    RowSlot at(rows, d, tpr);
+    float dr[8] = {}, xr[8] = {};
+    if (at.live) {
+        load8(dxhat + at.row * d + at.col, dr);
+        load8(xhat + at.row * d + at.col, xr);
+    }
+    float dot = 0.f;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) dot += xr[k] * dr[k];
+    dot = seg_sum(dot, seg);
+    if (!at.live) return;
+    float r = rnorm[at.row * groups + at.col * groups / d];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) dr[k] = r * (dr[k] - xr[k] * dot);
+    store8(dx + at.row * d + at.col, dr);
+}
+
+template <typename T>
+__global__ void row_dot_v8(const T* __restrict__ a, const T* __restrict__ b, float* __restrict__ out,
+                           long long rows, int d, int tpr) {
+    RowSlot at(rows, d, tpr);
+    float x[8] = {}, y[8] = {};
+    if (at.live) {
+        load8(a + at.row * d + at.col, x);
+        load8(b + at.row * d + at.col, y);
+    }
+    float s = 0.f;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) s += x[k] * y[k];
+    s = seg_sum(s, tpr);
+    if (at.live && at.col == 0) out[at.row] = s;
+}
 
 template <typename T>
 __global__ void l2norm_rows(const T* __restrict__ x, T* __restrict__ xhat, float* __restrict__ rnorm,

@@ -111,6 +111,13 @@ def test_backward_head_dims(dtype_name, d):
     run_case(dtype_name, d, i=150, j=190, causal=True, mask=True, bias="heads", hk=2)
 
 
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float32"])
+@pytest.mark.parametrize("d, groups", [(24, 1), (40, 1), (128, 4), (64, 8), (256, 1), (96, 4), (64, 16)])
+def test_backward_normalisation_layouts(dtype_name, d, groups):
+    """Every layout of the normalisation passes (see test_gpu_forward.GROUP_LAYOUTS)."""
+    run_case(dtype_name, d, i=70, j=90, causal=True, groups=groups, scale=4.0)
+
+
 @pytest.mark.parametrize("dtype_name", ["float16", "bfloat16"])
 @pytest.mark.parametrize("case", [dict(i=130, j=170, causal=True, bias="heads", hk=2),
                                   dict(i=64, j=100, bias="full", mask=True),

@@ -100,6 +100,18 @@ def test_forward_head_dims(dtype_name, d):
     run_case(dtype_name, d, 150, 190, causal=True, mask=True, bias="heads", hk=2)
 
 
+# (d, groups) reaching each layout of the normalisation passes (gpu_launch.row_v8_layout):
+# 8 elements per thread with idle lanes (24, 40), group sums over 4 and 1 lanes (128/4, 64/8),
+# 32 lanes per row (256), and the one-warp-per-row kernels (a group of 24 or 4 elements).
+GROUP_LAYOUTS = [(24, 1), (40, 1), (128, 4), (64, 8), (256, 1), (96, 4), (64, 16)]
+
+
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float32"])
+@pytest.mark.parametrize("d, groups", GROUP_LAYOUTS)
+def test_forward_normalisation_layouts(dtype_name, d, groups):
+    run_case(dtype_name, d, 70, 90, causal=True, groups=groups, scale=4.0)
+
+
 def test_unsupported_head_dim_is_a_clear_error():
     q = torch.randn(1, 1, 8, 20, device=DEV, dtype=torch.float16)
     with pytest.raises(ValueError, match="head dim d=20"):

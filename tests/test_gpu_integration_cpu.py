@@ -624,3 +624,15 @@ def test_fake_hopper_dispatch(fake_gpu, monkeypatch):
         "attn_fwd_mma<64, __half, true, 4>"]
     _bwd(fake_gpu, p, deterministic=False)
     assert calls == [("bwd", "__half", 64, 25)]
+
+
+def test_row_v8_layout():
+    """Threads per row and per summed group of the 8-elements-per-thread normalisation passes."""
+    assert gpu_launch.row_v8_layout(64, 1) == (8, 8)
+    assert gpu_launch.row_v8_layout(24, 1) == (4, 4)          # one idle lane per row
+    assert gpu_launch.row_v8_layout(256, 1) == (32, 32)
+    assert gpu_launch.row_v8_layout(128, 4) == (16, 4)
+    assert gpu_launch.row_v8_layout(64, 8) == (8, 1)
+    assert gpu_launch.row_v8_layout(96, 4) is None             # groups of 24: 3 lanes, not a power of two
+    assert gpu_launch.row_v8_layout(64, 16) is None            # groups of 4 elements
+    assert gpu_launch.row_v8_layout(20, 1) is None
