@@ -72,7 +72,7 @@ def main():
     lines = []
     specs = hopper_launch.specs()
     if args.defaults:
-        specs = [spec for ct in ("__half", "__nv_bfloat16") for d in hopper_launch.SM90_FWD_HEAD_DIMS
+        specs = [spec for ct in ("__half", "__nv_bfloat16") for d in hopper_launch.SM90_HEAD_DIMS
                  for spec in hopper_launch.default_specs(ct, d)]
     for spec in specs:
         data, log = cubin(spec)

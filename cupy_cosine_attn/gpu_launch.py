@@ -640,7 +640,7 @@ def kernel_specs(dtype, d):
     else:
         specs.append(KernelSpec("cosine_bwd.cu", f"attn_bwd_q_mma<{dp}, {ct}>"))
         from . import hopper_launch
-        if d in hopper_launch.SM90_FWD_HEAD_DIMS:     # Hopper-only variants (skipped elsewhere)
+        if d in hopper_launch.SM90_HEAD_DIMS:     # Hopper-only variants (skipped elsewhere)
             specs += hopper_launch.default_specs(ct, d)
     return specs
 

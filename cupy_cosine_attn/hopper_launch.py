@@ -13,8 +13,8 @@ import os
 from . import tma
 from .kernel_build import KernelSpec, get_function
 
-SM90_HEAD_DIMS = (64, 128)             # forward and backward
-SM90_FWD_HEAD_DIMS = (64, 128, 256)    # forward only at 256 (the backward's dK, dV do not fit)
+SM90_HEAD_DIMS = (64, 128, 256)        # forward and backward
+TUNED_HEAD_DIMS = (64, 128)            # with the full set of tile variants (d = 256: one shape)
 SMEM_LIMIT = 227 * 1024                # sm_90 opt-in maximum of dynamic shared memory per block
 
 # Tuning knobs (environment): the defaults are the fastest variants measured on an H200
@@ -80,7 +80,7 @@ def device_is_sm90():
 
 def covers(dtype, d, online):
     """True when the Hopper forward handles this (dtype, head dim, shift kind) on this device."""
-    return (sm90_enabled() and dtype in ("float16", "bfloat16") and d in SM90_FWD_HEAD_DIMS
+    return (sm90_enabled() and dtype in ("float16", "bfloat16") and d in SM90_HEAD_DIMS
             and not online and device_is_sm90())
 
 
@@ -168,9 +168,9 @@ def covers_backward(dtype, d, deterministic):
 
 def sm90_bwd_wgs(d):
     """Warpgroups (64 keys each) per backward CTA (measured: benchmarks/NOTES.md); d = 128 needs
-    two (its dQ splits the head dim between them)."""
+    two (its dQ splits the head dim between them), d = 256 fits one (shared memory)."""
     wgs = _knob("CUPY_COSINE_ATTN_SM90_BWD_WGS", 2)
-    return wgs if d == 64 else 2
+    return wgs if d == 64 else 2 if d == 128 else 1
 
 
 def sm90_bwd_bm(d, wgs):
@@ -202,6 +202,11 @@ def backward_spec(ctype, d, dq=None, wgs=None, bm=None, use_tma=None):
                       hopper=True)
 
 
+def backward_column_splits(d):
+    """CTAs per key tile: d = 256 splits the output columns in halves (grid y; see the kernel)."""
+    return 2 if d == 256 else 1
+
+
 def backward_smem(d, wgs, bm):
     # K, V tiles; 2-stage Q and dO; the dS^T tile; 2-stage lse and delta; the dQ staging rows
     # (16 rows of at most 64 + 8 floats per warp); 2 mbarriers; 1 KiB alignment.
@@ -224,29 +229,33 @@ def launch_backward(ctype, d, args, b, hk, j, dq=None, wgs=None, bm=None, use_tm
     if _SMEM_SET.get(id(fn), 0) < smem:
         fn.max_dynamic_shared_size_bytes = smem
         _SMEM_SET[id(fn)] = smem
-    fn((b * hk * (-(-j // (64 * wgs))),), (128 * wgs,), args + maps, shared_mem=smem)
+    fn((b * hk * (-(-j // (64 * wgs))), backward_column_splits(d)), (128 * wgs,), args + maps,
+       shared_mem=smem)
 
 
 def default_specs(ctype, d):
     """The variants calls of this dtype and head dim launch by default (for warm-up)."""
     fwd = [forward_spec(ctype, d)]
     small = forward_spec(ctype, d, sm90_bn(d, 1, True), sm90_wgs(d, 1, True))
-    bwd = [backward_spec(ctype, d)] if d in SM90_HEAD_DIMS else []
-    return fwd + ([small] if small != fwd[0] else []) + bwd
+    return fwd + ([small] if small != fwd[0] else []) + [backward_spec(ctype, d)]
 
 
 def specs():
     """Every Hopper variant (for warm-up and the CI compile check, sm_90a only)."""
     cts = ("__half", "__nv_bfloat16")
     return ([forward_spec(ct, d, bn, wgs, qreg, use_tma, release, 0) for ct in cts
-             for d in SM90_HEAD_DIMS for bn in (64, 128) for wgs in (1, 2) for qreg in (True, False)
+             for d in TUNED_HEAD_DIMS for bn in (64, 128) for wgs in (1, 2) for qreg in (True, False)
              for (use_tma, release) in ((True, False), (True, True), (False, False))]
             + [forward_spec(ct, d, bn, 2, qreg, True, True, ws) for ct in cts
-               for d in SM90_HEAD_DIMS for bn in (64, 128) for qreg in (True, False) for ws in (1, 2)]
+               for d in TUNED_HEAD_DIMS for bn in (64, 128) for qreg in (True, False) for ws in (1, 2)]
             # d = 256: 64-key tiles (the only ones that fit), Q from shared memory
             + [forward_spec(ct, 256, 64, wgs, False, use_tma, release, 0) for ct in cts
                for wgs in (1, 2) for (use_tma, release) in ((True, False), (True, True), (False, False))]
             + [backward_spec(ct, d, dq, wgs, bm, use_tma) for ct in cts for d in SM90_HEAD_DIMS
-               for (wgs, bm) in (((1, 64), (2, 64), (2, 128)) if d == 64 else ((2, 64),))
+               for (wgs, bm) in BWD_TILES[d]
                for dq in ((0, 1, 2) if d == 64 else (0, 1)) for use_tma in (True, False)])
+
+
+# (warpgroups, queries per step) the backward is built for at each head dim
+BWD_TILES = {64: ((1, 64), (2, 64), (2, 128)), 128: ((2, 64),), 256: ((1, 64),)}
 

@@ -20,6 +20,11 @@
 // (Issuing tile t+1's S^T/dP^T before tile t's gradient products, so the exponentials run under
 // them, was measured no faster at d = 64: benchmarks/NOTES.md.)
 //
+// d = 256: dK and dV of 64 keys over all 256 columns would take 256 registers per thread, so the
+// output columns are split in halves (blockIdx.y): each CTA computes S^T and dP^T over the whole
+// head dim (that work is done twice) and dV, dK, dQ for its 128 columns only, dQ in two 64-column
+// parts. One warpgroup of 64 keys, 64-query tiles: 220 KiB of shared memory.
+//
 // Query tiles of BM = 128 (d = 64, two warpgroups): S^T and dP^T are m64n128 products, and each
 // warpgroup adds the dQ of its own 64 query rows over all 128 keys of the CTA, which halves the
 // fp32 reduce-add traffic per (query, key) pair against BM = 64 with keys split.
@@ -39,14 +44,21 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
                long long bias_sb, long long bias_sh, long long bias_si,
                int B, int H, int HK, int I, int J, int Dim, int causal, float scale, float c_scale,
                const __grid_constant__ TmaMap tmap_q, const __grid_constant__ TmaMap tmap_do) {
-    static_assert(WGS == 2 || D == 64, "one warpgroup per CTA only at d = 64 (dQ registers)");
+    static_assert(WGS == 2 || D == 64 || D == 256, "one warpgroup per CTA only at d = 64 and 256 (dQ registers)");
+    static_assert(D != 256 || (WGS == 1 && BM == 64), "d = 256: one warpgroup, 64-query tiles (shared memory)");
     static_assert(BM == 64 || (BM == 128 && D == 64 && WGS == 2), "128-query tiles: d = 64, 2 warpgroups");
     constexpr int BN = 64 * WGS, THREADS = 128 * WGS, STAGES = 2;
+    // Output columns of this CTA: all of them, or one half at d = 256 (blockIdx.y).
+    constexpr int DO = D == 256 ? D / 2 : D;
+    const int col_base = D == 256 ? (int)blockIdx.y * DO : 0;   // a constant 0 elsewhere
     constexpr int TILE_KV = BN * D * 2, TILE_Q = BM * D * 2, TILE_DS = BN * BM * 2;
     // dQ slice of warpgroup w: SPLIT_Q (BM = 128): query rows 64w.., all keys, all columns;
-    // SPLIT_D (d = 128): columns 64w.., all keys, all queries; else its own 64 keys (partial sums).
-    constexpr bool SPLIT_Q = BM == 128, SPLIT_D = D == 128;
+    // SPLIT_D (d >= 128): DQ_PARTS slabs of 64 columns each, all keys, all queries; else its own
+    // 64 keys (partial sums).
+    constexpr bool SPLIT_Q = BM == 128, SPLIT_D = D >= 128;
     constexpr int DQ_N = SPLIT_D ? 64 : D, DQ_KEYS = (SPLIT_Q || SPLIT_D) ? BN : 64;
+    constexpr int DQ_PARTS = SPLIT_D ? DO / 64 / WGS : 1;
+    static_assert(!SPLIT_D || DQ_PARTS * 64 * WGS == DO, "dQ column slabs cover the CTA's columns");
     static_assert(DQ != 2 || DQ_N == D, "whole-row dQ blocks need every column in one warpgroup");
     constexpr bool BULK_DQ = DQ != 0;
     extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -196,29 +208,30 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
         else to_grads_as(false, 0, st, dpt, it, pa, sa);
     };
 
-    float dk[D / 2], dv[D / 2];
+    float dk[DO / 2], dv[DO / 2];
 #pragma unroll
-    for (int i = 0; i < D / 2; ++i) dk[i] = dv[i] = 0.f;
+    for (int i = 0; i < DO / 2; ++i) dk[i] = dv[i] = 0.f;
     pin(dk);
     pin(dv);
 
     // dV += P^T dO, dK += dS^T Q (keys x d; k = queries) for tile `it`: A from this warpgroup's
     // registers, so it may be issued before the barrier that publishes dS^T (one commit group).
     auto issue_dkdv = [&](const u32 (&pa)[BM / 16][4], const u32 (&sa)[BM / 16][4], int it) {
-        const int so = (it % STAGES) * TILE_Q;
+        const int so = (it % STAGES) * TILE_Q + (col_base / 64) * BM * 128;   // first column slab
         wgmma_fence();
 #pragma unroll
         for (int kc = 0; kc < BM / 16; ++kc) {
-            Wgmma<D, T>::template rs<1>(dv, pa[kc], sw128_desc_at<BM * 128, 1024>(o4, so + kc * 16 * 128), 1);
-            Wgmma<D, T>::template rs<1>(dk, sa[kc], sw128_desc_at<BM * 128, 1024>(q4, so + kc * 16 * 128), 1);
+            Wgmma<DO, T>::template rs<1>(dv, pa[kc], sw128_desc_at<BM * 128, 1024>(o4, so + kc * 16 * 128), 1);
+            Wgmma<DO, T>::template rs<1>(dk, sa[kc], sw128_desc_at<BM * 128, 1024>(q4, so + kc * 16 * 128), 1);
         }
         wgmma_commit();
     };
     // dQ = dS K (queries x d; k = keys) over this warpgroup's slice (one commit group); dS^T of
     // the tile must be in smem, fenced, behind a barrier.
-    auto issue_dq = [&](float (&dq)[DQ_N / 2]) {
+    auto dq_slab = [&](int part) { return SPLIT_D ? col_base / 64 + wg * DQ_PARTS + part : 0; };
+    auto issue_dq = [&](float (&dq)[DQ_N / 2], int part) {
         const int key_base = (SPLIT_Q || SPLIT_D) ? 0 : wg * 64;   // first key row of the slice
-        const int col_slab = SPLIT_D ? wg : 0;                     // 64-column slab of K
+        const int col_slab = dq_slab(part);                        // 64-column slab of K
         const int q_slab = SPLIT_Q ? wg : 0;                       // 64-query slab of dS^T
         wgmma_fence();
 #pragma unroll
@@ -231,11 +244,11 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     };
 
     // dQ of tile `it` (complete in registers): rows m0 + q0 + 16 warp + g (+8), columns
-    // c0 + 8j + 2t (+1), q0 = 64w for SPLIT_Q.
-    auto store_dq = [&](const float (&dq)[DQ_N / 2], int it) {
+    // c0 + 8j + 2t (+1), q0 = 64w for SPLIT_Q, c0 = 64 * dq_slab(part).
+    auto store_dq = [&](const float (&dq)[DQ_N / 2], int it, int part) {
         const int m0 = row0_of(it) + (SPLIT_Q ? wg * 64 : 0);
         float* dqb = dq_acc + (long long)(bi * H + head_of(it)) * I * D;
-        const int r0 = m0 + warp * 16 + g, r1 = r0 + 8, c0 = SPLIT_D ? wg * 64 : 0;
+        const int r0 = m0 + warp * 16 + g, r1 = r0 + 8, c0 = 64 * dq_slab(part);
         if (BULK_DQ) {
             // Each warp stages its 16 rows in smem; the copy engine adds them to global memory:
             // lanes 0..15 one row each (DQ = 1), or lane 0 all 16 rows at once (DQ = 2: the rows
@@ -307,15 +320,18 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
         issue_dkdv(pa, sa, it);   // runs while the warpgroups meet at the barrier
         fence_async_smem();
         __syncthreads();    // all of dS^T is in smem
-        float dq[DQ_N / 2];
-        issue_dq(dq);
-        wgmma_wait<0>();
-        pin(dq);
-        pin(dk);
-        pin(dv);
-        pin(pa);
-        pin(sa);
-        store_dq(dq, it);
+#pragma unroll
+        for (int part = 0; part < DQ_PARTS; ++part) {
+            float dq[DQ_N / 2];
+            issue_dq(dq, part);
+            wgmma_wait<0>();
+            pin(dq);
+            pin(dk);
+            pin(dv);
+            pin(pa);
+            pin(sa);
+            store_dq(dq, it, part);
+        }
     }
     cp_async_wait<0>();      // no copy outlives the CTA (total == 0 skips every wait above)
     wgmma_wait<0>();
@@ -328,8 +344,8 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     T* dvb = dv_out + kv_off;
     const int k0 = wg * 64 + warp * 16 + g, k1 = k0 + 8;
 #pragma unroll
-    for (int j = 0; j < D / 8; ++j) {
-        const int col = j * 8 + 2 * t;
+    for (int j = 0; j < DO / 8; ++j) {
+        const int col = col_base + j * 8 + 2 * t;
         if (n0 + k0 < J) {
             *reinterpret_cast<float2*>(dkb + (long long)k0 * D + col) = make_float2(dk[4 * j] * scale, dk[4 * j + 1] * scale);
             *reinterpret_cast<u32*>(dvb + (long long)k0 * D + col) = Pack<T>::from_floats(dv[4 * j], dv[4 * j + 1]);

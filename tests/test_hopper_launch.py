@@ -77,12 +77,13 @@ def test_bad_knob_values_are_refused_by_name(monkeypatch, name, value):
 
 
 def test_every_variant_fits_in_shared_memory():
-    for d in hl.SM90_HEAD_DIMS:
+    for d in hl.TUNED_HEAD_DIMS:
         for bn in (64, 128):
             for wgs in (1, 2):
                 assert hl.forward_smem(d, bn, wgs) <= SMEM_PER_BLOCK, (d, bn, wgs)
             assert hl.forward_smem(d, bn, 2, ws=True) <= SMEM_PER_BLOCK, (d, bn, "ws")
-        for wgs, bm in (((1, 64), (2, 64), (2, 128)) if d == 64 else ((2, 64),)):
+    for d in hl.SM90_HEAD_DIMS:
+        for wgs, bm in hl.BWD_TILES[d]:
             assert hl.backward_smem(d, wgs, bm) <= SMEM_PER_BLOCK, (d, wgs, bm)
 
 
@@ -94,12 +95,33 @@ def test_one_warpgroup_defaults_leave_room_for_two_ctas_per_sm():
                 assert 2 * (hl.forward_smem(d, hl.sm90_bn(d, j, causal), 1) + 1024) <= 228 * 1024
 
 
-def test_d256_runs_the_hopper_forward_only():
-    assert 256 in hl.SM90_FWD_HEAD_DIMS and 256 not in hl.SM90_HEAD_DIMS
+def test_d256_runs_the_hopper_kernels_with_the_backward_split_in_column_halves():
+    assert 256 in hl.SM90_HEAD_DIMS
     assert hl.forward_spec("__half", 256).name == "attn_fwd_wgmma<256, __half, 64, 2, false, true, false, 0>"
     assert hl.forward_smem(256, 64, 2) <= SMEM_PER_BLOCK
-    assert [s.name for s in hl.default_specs("__half", 256)] == [hl.forward_spec("__half", 256).name]
-    assert hl.forward_spec("__half", 256).name in {s.name for s in hl.specs()}
+    assert hl.backward_spec("__half", 256).name == "attn_bwd_wgmma<256, __half, 1, 1, 64, true>"
+    assert hl.backward_smem(256, 1, 64) <= SMEM_PER_BLOCK
+    assert hl.backward_column_splits(256) == 2 and hl.backward_column_splits(128) == 1
+    assert [s.name for s in hl.default_specs("__half", 256)] == [hl.forward_spec("__half", 256).name,
+                                                                 hl.backward_spec("__half", 256).name]
+    names = {s.name for s in hl.specs()}
+    assert {s.name for s in hl.default_specs("__half", 256)} <= names
+
+
+def test_backward_grid_has_a_column_split_axis_at_d256(monkeypatch):
+    launches = []
+
+    class Fn:
+        def __call__(self, grid, block, args, shared_mem=0):
+            launches.append((grid, block, shared_mem))
+
+    monkeypatch.setattr(hl, "get_function", lambda spec: Fn())
+    monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_TMA", "0")     # no tensor maps (no driver here)
+    for d in (128, 256):
+        hl.launch_backward("__half", d, (None,) * 25, 2, 3, 130)
+    assert launches[0][:2] == ((2 * 3 * 2, 1), (256,))      # 128 keys per CTA, two warpgroups
+    assert launches[1][:2] == ((2 * 3 * 3, 2), (128,))      # 64 keys per CTA, two column halves
+    assert launches[1][2] == hl.backward_smem(256, 1, 64)
 
 
 def test_knobs_that_overflow_shared_memory_are_refused_before_compiling(monkeypatch):
