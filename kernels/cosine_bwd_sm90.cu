@@ -181,8 +181,8 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
                 const float ds = p * (dpt[i] - dl[c]);
                 pe[u] = p;
                 se[u] = ds;
-                if (HAS_BIAS) {
-                    if (p != 0.f) bgrad.put(bi, hq, row, key, ds);
+                if (HAS_BIAS) {     // once per (query, key): by the first column half at d = 256
+                    if (p != 0.f && col_base == 0) bgrad.put(bi, hq, row, key, ds);
                 }
             }
 #pragma unroll
