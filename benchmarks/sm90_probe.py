@@ -371,6 +371,7 @@ def main():
     ap.add_argument("--speed-dtypes", default="bfloat16")
     ap.add_argument("--bwd-only", action="store_true", help="check and time the backward only")
     ap.add_argument("--fwd-only", action="store_true", help="check and time the forward only")
+    ap.add_argument("--no-speed", action="store_true", help="correctness checks only")
     ap.add_argument("--wgs", default="1,2", help="forward warpgroups per CTA to check and time")
     ap.add_argument("--qregs", default="1", help="forward Q-in-registers settings (0,1) to check and time")
     ap.add_argument("--tmas", default="1", help="forward TMA-load settings (0,1) to check and time")
@@ -434,7 +435,7 @@ def main():
     if not all_ok and os.environ.get("PROBE_STOP_ON_FAIL"):
         (out / "sm90_probe.log").write_text("\n".join(LOG) + "\n")
         sys.exit(3)
-    for dtype in args.speed_dtypes.split(","):
+    for dtype in ([] if args.no_speed else args.speed_dtypes.split(",")):
         for d in dims:
             speed(dtype, d, bns, [int(x) for x in args.ns.split(",")], res["speed"], args.bwd_only,
                   wgss, qregs, args.quick, tmas, releases, args.ws, args.fwd_only)
