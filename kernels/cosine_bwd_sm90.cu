@@ -2,11 +2,11 @@
 // cosine_bwd.cu (dK, dV written once; dQ and broadcast-bias gradients added in fp32), on wgmma.
 // The deterministic dQ pass stays on the sm_80 kernels.
 //
-// One CTA = WGS warpgroups of 64 keys each (defaults: 2 at both head dims; WGS = 1 fits two CTAs
-// per SM); K and V stay in 128B-swizzled smem (sm90.cuh). The CTA walks the query tiles (BM rows:
-// 128 at d = 64, 64 at d = 128) of every query head of its k/v head, Q, dO, lse and delta
-// double-buffered: Q and dO by TMA from one thread (TMA; tensor maps tmap_q, tmap_do over
-// (B*H, I, D)) or cp.async by every thread, lse and delta by cp.async. Per query tile, each
+// One CTA = WGS warpgroups of 64 keys each (defaults: 2 at d = 64 and 128, 1 at d = 256; at d = 64
+// WGS = 1 fits two CTAs per SM); K and V stay in 128B-swizzled smem (sm90.cuh). The CTA walks the
+// query tiles (BM rows: 128 at d = 64, else 64) of every query head of its k/v head, Q, dO, lse
+// and delta double-buffered: Q and dO by TMA from one thread (TMA; tensor maps tmap_q, tmap_do
+// over (B*H, I, D)) or cp.async by every thread, lse and delta by cp.async. Per query tile, each
 // warpgroup:
 //   S^T = K Q^T, dP^T = V dO^T                      (issue_sdp: wgmma, operands K-major in smem)
 //   P^T = exp2(S^T c + bias - lse), dS^T = P^T (dP^T - delta)   (to_grads: registers; dS^T -> smem)
