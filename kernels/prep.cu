@@ -52,6 +52,21 @@ __device__ __forceinline__ float seg_sum(float s, int seg) {
     return s;
 }
 
+// This thread's 8 elements of row at.row of a and of b (zeros where it is idle), and their dot
+// product over the row's (or group's) `seg` lanes.
+template <typename A, typename B>
+__device__ __forceinline__ float load_pair_dot(const RowSlot& at, const A* a, const B* b, int d, int seg,
+                                               float (&x)[8], float (&y)[8]) {
+    if (at.live) {
+        load8(a + at.row * d + at.col, x);
+        load8(b + at.row * d + at.col, y);
+    }
+    float s = 0.f;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) s += x[k] * y[k];
+    return seg_sum(s, seg);
+}
+
 template <typename T>
 __global__ void l2norm_rows_v8(const T* __restrict__ x, T* __restrict__ xhat, float* __restrict__ rnorm,
                                long long rows, int d, int groups, int tpr, int seg) {
@@ -78,14 +93,7 @@ __global__ void l2norm_backward_v8(const float* __restrict__ dxhat, const T* __r
                                    long long rows, int d, int groups, int tpr, int seg) {
     RowSlot at(rows, d, tpr);
     float dr[8] = {}, xr[8] = {};
-    if (at.live) {
-        load8(dxhat + at.row * d + at.col, dr);
-        load8(xhat + at.row * d + at.col, xr);
-    }
-    float dot = 0.f;
-#pragma unroll
-    for (int k = 0; k < 8; ++k) dot += xr[k] * dr[k];
-    dot = seg_sum(dot, seg);
+    const float dot = load_pair_dot(at, dxhat, xhat, d, seg, dr, xr);
     if (!at.live) return;
     float r = rnorm[at.row * groups + at.col * groups / d];
 #pragma unroll
@@ -98,14 +106,7 @@ __global__ void row_dot_v8(const T* __restrict__ a, const T* __restrict__ b, flo
                            long long rows, int d, int tpr) {
     RowSlot at(rows, d, tpr);
     float x[8] = {}, y[8] = {};
-    if (at.live) {
-        load8(a + at.row * d + at.col, x);
-        load8(b + at.row * d + at.col, y);
-    }
-    float s = 0.f;
-#pragma unroll
-    for (int k = 0; k < 8; ++k) s += x[k] * y[k];
-    s = seg_sum(s, tpr);
+    const float s = load_pair_dot(at, a, b, d, tpr, x, y);
     if (at.live && at.col == 0) out[at.row] = s;
 }
 
