@@ -15,17 +15,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cupy_cosine_attn import flash_cosine_sim_attention  # noqa: E402
 
 
-def main():
+def step_parser(n_default):
+    """--d, --n, --causal, --dtype: one step of the benchmark CLI's problem (32768 tokens, 2048/d heads)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--d", type=int, default=64)
-    ap.add_argument("--n", type=int, default=16384)
+    ap.add_argument("--n", type=int, default=n_default)
     ap.add_argument("--causal", action="store_true")
     ap.add_argument("--dtype", default="bfloat16")
-    a = ap.parse_args()
+    return ap
+
+
+def step_inputs(a):
+    """q, k, v (leaves needing gradients) and an output gradient for parsed arguments `a`."""
     b, h = max(1, 32768 // a.n), 2048 // a.d
     dt = getattr(torch, a.dtype)
     q, k, v = (torch.randn(b, h, a.n, a.d, device="cuda", dtype=dt, requires_grad=True) for _ in range(3))
-    go = torch.randn(b, h, a.n, a.d, device="cuda", dtype=dt)
+    return q, k, v, torch.randn(b, h, a.n, a.d, device="cuda", dtype=dt)
+
+
+def main():
+    a = step_parser(16384).parse_args()
+    q, k, v, go = step_inputs(a)
     for _ in range(2):
         flash_cosine_sim_attention(q, k, v, causal=a.causal).backward(go)
     torch.cuda.synchronize()

@@ -5,7 +5,6 @@
 Same problem sizes as the benchmark CLI (32768 tokens, 2048 / d heads). Prints each kernel's
 share of the GPU time of `--reps` steps. A diagnostic, not a benchmark: the CLI is the record.
 """
-import argparse
 import sys
 from pathlib import Path
 
@@ -13,21 +12,17 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cupy_cosine_attn import flash_cosine_sim_attention  # noqa: E402
+from profile_step import step_inputs, step_parser  # noqa: E402
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--d", type=int, default=64)
-    ap.add_argument("--n", type=int, default=2048)
-    ap.add_argument("--causal", action="store_true")
-    ap.add_argument("--dtype", default="bfloat16")
+    ap = step_parser(2048)
     ap.add_argument("--reps", type=int, default=5)
     a = ap.parse_args()
-    b, h = max(1, 32768 // a.n), 2048 // a.d
-    dt = getattr(torch, a.dtype)
-    q, k, v = (torch.randn(b, h, a.n, a.d, device="cuda", dtype=dt, requires_grad=True) for _ in range(3))
-    go = torch.randn(b, h, a.n, a.d, device="cuda", dtype=dt)
+    q, k, v, go = step_inputs(a)
+    b, h = q.shape[0], q.shape[1]
 
     def step():      # autograd.grad: no accumulation into .grad (not part of the step's cost)
         torch.autograd.grad(flash_cosine_sim_attention(q, k, v, causal=a.causal), (q, k, v), go)
