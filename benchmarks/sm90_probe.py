@@ -211,7 +211,7 @@ def truth_grads(dtype, q, k, v, dout, mask, bias, causal, scale):
 
 
 def run_bwd(kind, dtype, q, k, v, dout, lse, delta, mask, bias, causal, scale, dqm=None, wgs=None,
-            bm=None, tma=None):
+            bm=None, tma=None, overlap=None):
     b, h, i, d = q.shape
     hk, j = k.shape[1], k.shape[2]
     dq = cp.zeros((b, h, i, d), dtype=cp.float32)
@@ -226,7 +226,8 @@ def run_bwd(kind, dtype, q, k, v, dout, lse, delta, mask, bias, causal, scale, d
             np.int32(causal), np.float32(scale), np.float32(scale * math.log2(math.e)))
     ct = CTYPE[dtype]
     if kind == "sm90":
-        hopper_launch.launch_backward(ct, d, args, b, hk, j, dq=dqm, wgs=wgs, bm=bm, use_tma=tma)
+        hopper_launch.launch_backward(ct, d, args, b, hk, j, dq=dqm, wgs=wgs, bm=bm, use_tma=tma,
+                                      overlap=overlap)
     else:
         dp = padded_dim(dtype, d)
         launch_sm80("cosine_bwd.cu", f"attn_bwd_kv_mma<{dp}, {ct}, true>",
@@ -252,6 +253,8 @@ def bwd_correctness(dtype, d, results):
         g90s = run_bwd("sm90", dtype, q, k, v, dout, lse, delta, mask, bias, causal, 8.0,
                        dqm=2 if d == 64 else None)
         g90c = run_bwd("sm90", dtype, q, k, v, dout, lse, delta, mask, bias, causal, 8.0, tma=False)
+        g90n = run_bwd("sm90", dtype, q, k, v, dout, lse, delta, mask, bias, causal, 8.0,
+                       overlap=not hopper_launch.sm90_bwd_overlap(d))
         g80 = run_bwd("sm80", dtype, q, k, v, dout, lse, delta, mask, bias, causal, 8.0)
         cp.cuda.Device().synchronize()
         errs = {}
@@ -262,7 +265,10 @@ def bwd_correctness(dtype, d, results):
                                   ("dq_w1", tdq, g90w[0], g80[0]), ("dk_w1", tdk, g90w[1], g80[1]),
                                   ("dv_w1", tdv, to64(g90w[2], dtype), to64(g80[2], dtype)),
                                   ("dq_block", tdq, g90s[0], g80[0]), ("db_block", tdb, g90s[3], g80[3]),
-                                  ("dq_cpasync", tdq, g90c[0], g80[0]), ("dk_cpasync", tdk, g90c[1], g80[1])):
+                                  ("dq_cpasync", tdq, g90c[0], g80[0]), ("dk_cpasync", tdk, g90c[1], g80[1]),
+                                  ("dq_ovl", tdq, g90n[0], g80[0]), ("dk_ovl", tdk, g90n[1], g80[1]),
+                                  ("dv_ovl", tdv, to64(g90n[2], dtype), to64(g80[2], dtype)),
+                                  ("db_ovl", tdb, g90n[3], g80[3])):
             if t is None or a90 is None:
                 continue
             e90, e80 = rel(a90.astype(cp.float64), t), rel(a80.astype(cp.float64), t)
@@ -311,6 +317,8 @@ def speed(dtype, d, bns, ns, results, bwd_only=False, wgss=(1, 2), qregs=(False,
                 bwd_only = False
             if bwd_only:
                 row["bwd_sm90"] = bflops / timeit(lambda: run_bwd("sm90", dtype, q, k, v, dout, lse, delta, None, None, causal, 8.0), 5) / 1e12
+                other = not hopper_launch.sm90_bwd_overlap(d)
+                row[f"bwd_sm90_overlap{int(other)}"] = bflops / timeit(lambda: run_bwd("sm90", dtype, q, k, v, dout, lse, delta, None, None, causal, 8.0, overlap=other), 5) / 1e12
                 results.append(row)
                 log("  " + " ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
                 continue

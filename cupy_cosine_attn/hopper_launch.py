@@ -20,7 +20,7 @@ SMEM_LIMIT = 227 * 1024                # sm_90 opt-in maximum of dynamic shared 
 # Tuning knobs (environment): the defaults are the fastest variants measured on an H200
 # (benchmarks/NOTES.md); each knob takes only the values its kernel template is built for.
 _KNOBS = {
-    "CUPY_COSINE_ATTN_SM90_BN": (64, 128),        # forward: keys per tile
+    "CUPY_COSINE_ATTN_SM90_BN": (64, 128, 192),   # forward: keys per tile
     "CUPY_COSINE_ATTN_SM90_WGS": (1, 2),          # forward: warpgroups (64 query rows each)
     "CUPY_COSINE_ATTN_SM90_QREG": (0, 1),         # forward: Q in registers for QK^T
     "CUPY_COSINE_ATTN_SM90_TMA": (0, 1),          # tiles by TMA (else cp.async): fwd K/V, bwd Q/dO
@@ -29,6 +29,7 @@ _KNOBS = {
     "CUPY_COSINE_ATTN_SM90_BWD_WGS": (1, 2),      # backward, d = 64: warpgroups (64 keys each)
     "CUPY_COSINE_ATTN_SM90_BWD_BM": (64, 128),    # backward, d = 64 with 2 warpgroups: queries per step
     "CUPY_COSINE_ATTN_SM90_DQ": (0, 1, 2),        # backward: dQ by atomics / bulk rows / bulk blocks
+    "CUPY_COSINE_ATTN_SM90_BWD_OVERLAP": (0, 1),  # backward: exponentials under dP^T, dS^T under dV
 }
 
 
@@ -187,19 +188,26 @@ def sm90_dq_mode(d, wgs, bm):
     return 1 if mode == 2 and d != 64 else mode
 
 
-def _bwd_config(d, dq, wgs, bm, use_tma):
+def sm90_bwd_overlap(d):
+    """Backward tiles commit S^T, dP^T and dV separately, so the exponentials run under dP^T and
+    dS^T under dV (else S^T and dP^T are waited for together)."""
+    return bool(_knob("CUPY_COSINE_ATTN_SM90_BWD_OVERLAP", 1))
+
+
+def _bwd_config(d, dq, wgs, bm, use_tma, overlap):
     wgs = sm90_bwd_wgs(d) if wgs is None else wgs
     bm = sm90_bwd_bm(d, wgs) if bm is None else bm
     dq = sm90_dq_mode(d, wgs, bm) if dq is None else dq
     use_tma = sm90_tma(d) if use_tma is None else use_tma
-    return dq, wgs, bm, use_tma
+    overlap = sm90_bwd_overlap(d) if overlap is None else overlap
+    return dq, wgs, bm, use_tma, overlap
 
 
-def backward_spec(ctype, d, dq=None, wgs=None, bm=None, use_tma=None):
-    dq, wgs, bm, use_tma = _bwd_config(d, dq, wgs, bm, use_tma)
+def backward_spec(ctype, d, dq=None, wgs=None, bm=None, use_tma=None, overlap=None):
+    dq, wgs, bm, use_tma, overlap = _bwd_config(d, dq, wgs, bm, use_tma, overlap)
     return KernelSpec("cosine_bwd_sm90.cu",
-                      f"attn_bwd_wgmma<{d}, {ctype}, {dq}, {wgs}, {bm}, {_cpp_bool(use_tma)}>",
-                      hopper=True)
+                      f"attn_bwd_wgmma<{d}, {ctype}, {dq}, {wgs}, {bm}, {_cpp_bool(use_tma)}, "
+                      f"{_cpp_bool(overlap)}>", hopper=True)
 
 
 def backward_column_splits(d):
@@ -215,11 +223,12 @@ def backward_smem(d, wgs, bm):
             + 16 + 1024)
 
 
-def launch_backward(ctype, d, args, b, hk, j, dq=None, wgs=None, bm=None, use_tma=None):
+def launch_backward(ctype, d, args, b, hk, j, dq=None, wgs=None, bm=None, use_tma=None,
+                    overlap=None):
     """Launch the Hopper backward with attn_bwd_kv_mma's argument tuple (atomic dQ), plus the Q
     and dO tensor maps it makes when the variant loads by TMA."""
-    dq, wgs, bm, use_tma = _bwd_config(d, dq, wgs, bm, use_tma)
-    fn = get_function(backward_spec(ctype, d, dq, wgs, bm, use_tma))
+    dq, wgs, bm, use_tma, overlap = _bwd_config(d, dq, wgs, bm, use_tma, overlap)
+    fn = get_function(backward_spec(ctype, d, dq, wgs, bm, use_tma, overlap))
     if use_tma:
         q, dout, h, i = args[0], args[3], int(args[17]), int(args[19])
         maps = (tma.rows_map(q.data.ptr, b * h, i, d, bm), tma.rows_map(dout.data.ptr, b * h, i, d, bm))
@@ -251,9 +260,13 @@ def specs():
             # d = 256: 64-key tiles (the only ones that fit), Q from shared memory
             + [forward_spec(ct, 256, 64, wgs, False, use_tma, release, 0) for ct in cts
                for wgs in (1, 2) for (use_tma, release) in ((True, False), (True, True), (False, False))]
-            + [backward_spec(ct, d, dq, wgs, bm, use_tma) for ct in cts for d in SM90_HEAD_DIMS
+            # d = 128: 192-key tiles with two warpgroups (TMA)
+            + [forward_spec(ct, 128, 192, 2, qreg, True, release, 0) for ct in cts
+               for qreg in (True, False) for release in (False, True)]
+            + [backward_spec(ct, d, dq, wgs, bm, use_tma, overlap) for ct in cts for d in SM90_HEAD_DIMS
                for (wgs, bm) in BWD_TILES[d]
-               for dq in ((0, 1, 2) if d == 64 else (0, 1)) for use_tma in (True, False)])
+               for dq in ((0, 1, 2) if d == 64 else (0, 1)) for use_tma in (True, False)
+               for overlap in (True, False)])
 
 
 # (warpgroups, queries per step) the backward is built for at each head dim

@@ -9,11 +9,14 @@
 // over (B*H, I, D)) or cp.async by every thread, lse and delta by cp.async. Per query tile, each
 // warpgroup:
 //   S^T = K Q^T, dP^T = V dO^T                      (issue_sdp: wgmma, operands K-major in smem)
-//   P^T = exp2(S^T c + bias - lse), dS^T = P^T (dP^T - delta)   (to_grads: registers; dS^T -> smem)
-//   dV += P^T dO, dK += dS^T Q                      (issue_dkdv: A from registers, dO/Q MN-major)
+//   P^T = exp2(S^T c + bias - lse)                  (to_p: registers)
+//   dS^T = P^T (dP^T - delta)                       (to_ds: registers; dS^T -> smem)
+//   dV += P^T dO, dK += dS^T Q                      (issue_grad: A from registers, dO/Q MN-major)
 //   barrier (dS^T of every warpgroup in smem)
 //   dQ  = dS K over a slice                         (issue_dq: dS and K MN-major in smem)
 //   dQ -> global fp32: bulk reduce-add of each warp's rows staged in smem, or atomics
+// OVERLAP commits S^T, dP^T and dV as groups of their own and waits for one at a time: the
+// exponentials of P^T run while the tensor cores compute dP^T, dS^T while they compute dV.
 // dQ slices: d = 128 splits the head dim (warpgroup w: columns 64w.., all 128 keys); d = 64 with
 // BM = 64 splits the keys (warpgroup w: its own 64 keys, all columns). 32 accumulators each.
 // The phases of a tile run one after the other; two CTAs per SM (or two warpgroups) overlap them.
@@ -34,7 +37,7 @@
 #include "sm90.cuh"
 using namespace cattn;
 
-template <int D, typename T, int DQ, int WGS, int BM, bool TMA>
+template <int D, typename T, int DQ, int WGS, int BM, bool TMA, bool OVERLAP>
 __global__ void __launch_bounds__(128 * WGS, WGS == 1 ? 2 : 1)
 attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
@@ -126,86 +129,105 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
         }
     };
 
-    // S^T, dP^T of tile `it`: this warpgroup's 64 keys x BM queries (one commit group).
-    auto issue_sdp = [&](float (&st)[BM / 2], float (&dpt)[BM / 2], int it) {
+    // S^T = K Q^T or dP^T = V dO^T of tile `it` (A = K or V, B = Q or dO stage): this
+    // warpgroup's 64 keys x BM queries, issued without a commit.
+    auto issue_product = [&](float (&acc)[BM / 2], u32 a4, u32 b4, int it) {
         const int so = (it % STAGES) * TILE_Q;
-        wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
             const int a_off = (kk / 4) * BN * 128 + wg * 64 * 128 + (kk % 4) * 32;
             const int b_off = so + (kk / 4) * BM * 128 + (kk % 4) * 32;
-            Wgmma<BM, T>::ss(st, sw128_desc_at<16, 1024>(k4, a_off), sw128_desc_at<16, 1024>(q4, b_off), kk > 0);
-            Wgmma<BM, T>::ss(dpt, sw128_desc_at<16, 1024>(v4, a_off), sw128_desc_at<16, 1024>(o4, b_off), kk > 0);
+            Wgmma<BM, T>::ss(acc, sw128_desc_at<16, 1024>(a4, a_off), sw128_desc_at<16, 1024>(b4, b_off), kk > 0);
         }
+    };
+    // S^T and dP^T of tile `it`: one commit group; or (OVERLAP) two, S^T first, so the
+    // exponentials can start while the tensor cores still work on dP^T.
+    auto issue_sdp = [&](float (&st)[BM / 2], float (&dpt)[BM / 2], int it) {
+        wgmma_fence();
+        issue_product(st, k4, q4, it);
+        if constexpr (OVERLAP) wgmma_commit();
+        issue_product(dpt, v4, o4, it);
         wgmma_commit();
     };
 
-    // P^T and dS^T of tile `it` as 16-bit A fragments, dS^T also to its smem tile. Element i of
-    // st/dpt: key row (i & 2 ? key1 : key0), query column m0 + 8(i/4) + 2t + (i&1).
+    // Element i of st/dpt: key row (i & 2 ? key1 : key0), query column m0 + 8(i/4) + 2t + (i&1).
     const int key0 = n0 + wg * 64 + warp * 16 + g, key1 = key0 + 8;   // this thread's key rows
-    // P^T and dS^T of tile `it` as 16-bit A fragments, dS^T also to its smem tile. Element i of
-    // st/dpt: key row (i & 2 ? key1 : key0), query column m0 + 8(i/4) + 2t + (i&1). HAS_BIAS and
-    // CHECK (per-key visibility tests: 0 none, 1 only the causal test, 2 all) are literals at
-    // every call, so each inlined copy is specialised: the common tile (no bias, no mask, not on
-    // the causal diagonal) runs straight-line code, a diagonal one a compare and select more.
-    // (Query rows past I need no test: their lse is +inf, so P = 0.)
-    auto to_grads_as = [&](const bool HAS_BIAS, const int CHECK, const float (&st)[BM / 2],
-                           const float (&dpt)[BM / 2], int it, u32 (&pa)[BM / 16][4],
-                           u32 (&sa)[BM / 16][4]) {
+    auto query_col = [&](int i) { return (i / 4) * 8 + 2 * t + (i & 1); };
+    // P^T = exp2(S^T c + bias - lse) of tile `it`, in place in st and as 16-bit A fragments pa.
+    // HAS_BIAS and CHECK (per-key visibility tests: 0 none, 1 only the causal test, 2 all) are
+    // literals at every call, so each inlined copy is specialised: the common tile (no bias, no
+    // mask, not on the causal diagonal) runs straight-line code, a diagonal one a compare and
+    // select more. (Query rows past I need no test: their lse is +inf, so P = 0.)
+    auto to_p_as = [&](const bool HAS_BIAS, const int CHECK, float (&st)[BM / 2], int it,
+                       u32 (&pa)[BM / 16][4]) {
         const int hq = head_of(it), m0 = row0_of(it);
         const float* Ls = sL + (it % STAGES) * BM;
-        const float* Ds = sDl + (it % STAGES) * BM;
-        unsigned char* dS = sdS;
 #pragma unroll
         for (int kc = 0; kc < BM / 16; ++kc) {
             // The 4 query columns of this k-chunk: 16 kc + 2t (+1) and 16 kc + 8 + 2t (+1).
             const float2 l_lo = *reinterpret_cast<const float2*>(Ls + 16 * kc + 2 * t);
             const float2 l_hi = *reinterpret_cast<const float2*>(Ls + 16 * kc + 8 + 2 * t);
-            const float2 d_lo = *reinterpret_cast<const float2*>(Ds + 16 * kc + 2 * t);
-            const float2 d_hi = *reinterpret_cast<const float2*>(Ds + 16 * kc + 8 + 2 * t);
             const float nl[4] = {lse_log2(l_lo.x), lse_log2(l_lo.y), lse_log2(l_hi.x), lse_log2(l_hi.y)};
-            const float dl[4] = {d_lo.x, d_lo.y, d_hi.x, d_hi.y};
-            float pe[8], se[8];
 #pragma unroll
             for (int u = 0; u < 8; ++u) {
-                const int i = 8 * kc + u, c = (u >= 4 ? 2 : 0) + (u & 1);
-                const int key = (i & 2) ? key1 : key0;
-                const int qc = (i / 4) * 8 + 2 * t + (i & 1), row = m0 + qc;
-                float x = st[i] * c_scale - nl[c];
+                const int i = 8 * kc + u, key = (i & 2) ? key1 : key0, row = m0 + query_col(i);
+                float x = st[i] * c_scale - nl[(u >= 4 ? 2 : 0) + (u & 1)];
                 if (HAS_BIAS) x += bview.log2_at(bi, hq, min(row, I - 1), min(key, J - 1));
                 float p = fast_exp2(x);
                 if (CHECK == 2) {
                     if (!key_visible(mask_b, row, key, I, J, causal)) p = 0.f;
                 }
                 if (CHECK == 1 && key > row + (J - I)) p = 0.f;
-                const float ds = p * (dpt[i] - dl[c]);
-                pe[u] = p;
-                se[u] = ds;
-                if (HAS_BIAS) {     // once per (query, key): by the first column half at d = 256
-                    if (p != 0.f && col_base == 0) bgrad.put(bi, hq, row, key, ds);
+                st[i] = p;
+            }
+#pragma unroll
+            for (int e = 0; e < 4; ++e) pa[kc][e] = Pack<T>::from_floats(st[8 * kc + 2 * e], st[8 * kc + 2 * e + 1]);
+        }
+    };
+    // dS^T = P^T (dP^T - delta) of tile `it` (P^T in st) as A fragments sa and into its smem
+    // tile; the bias gradient (HAS_BIAS, a literal) once per (query, key): by the first column
+    // half at d = 256.
+    auto to_ds_as = [&](const bool HAS_BIAS, const float (&st)[BM / 2], const float (&dpt)[BM / 2],
+                        int it, u32 (&sa)[BM / 16][4]) {
+        const int hq = head_of(it), m0 = row0_of(it);
+        const float* Ds = sDl + (it % STAGES) * BM;
+#pragma unroll
+        for (int kc = 0; kc < BM / 16; ++kc) {
+            const float2 d_lo = *reinterpret_cast<const float2*>(Ds + 16 * kc + 2 * t);
+            const float2 d_hi = *reinterpret_cast<const float2*>(Ds + 16 * kc + 8 + 2 * t);
+            const float dl[4] = {d_lo.x, d_lo.y, d_hi.x, d_hi.y};
+            float se[8];
+#pragma unroll
+            for (int u = 0; u < 8; ++u) {
+                const int i = 8 * kc + u;
+                se[u] = st[i] * (dpt[i] - dl[(u >= 4 ? 2 : 0) + (u & 1)]);
+                if (HAS_BIAS) {
+                    if (st[i] != 0.f && col_base == 0)
+                        bgrad.put(bi, hq, m0 + query_col(i), (i & 2) ? key1 : key0, se[u]);
                 }
             }
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                pa[kc][e] = Pack<T>::from_floats(pe[2 * e], pe[2 * e + 1]);
-                sa[kc][e] = Pack<T>::from_floats(se[2 * e], se[2 * e + 1]);
-            }
+            for (int e = 0; e < 4; ++e) sa[kc][e] = Pack<T>::from_floats(se[2 * e], se[2 * e + 1]);
             // dS^T to smem, row = local key, column = local query: pairs of queries per store.
             const int kl0 = wg * 64 + warp * 16 + g, qc0 = kc * 16 + 2 * t;
-            *reinterpret_cast<u32*>(dS + sw128_offset<BN>(kl0, qc0)) = sa[kc][0];
-            *reinterpret_cast<u32*>(dS + sw128_offset<BN>(kl0 + 8, qc0)) = sa[kc][1];
-            *reinterpret_cast<u32*>(dS + sw128_offset<BN>(kl0, qc0 + 8)) = sa[kc][2];
-            *reinterpret_cast<u32*>(dS + sw128_offset<BN>(kl0 + 8, qc0 + 8)) = sa[kc][3];
+            *reinterpret_cast<u32*>(sdS + sw128_offset<BN>(kl0, qc0)) = sa[kc][0];
+            *reinterpret_cast<u32*>(sdS + sw128_offset<BN>(kl0 + 8, qc0)) = sa[kc][1];
+            *reinterpret_cast<u32*>(sdS + sw128_offset<BN>(kl0, qc0 + 8)) = sa[kc][2];
+            *reinterpret_cast<u32*>(sdS + sw128_offset<BN>(kl0 + 8, qc0 + 8)) = sa[kc][3];
         }
     };
-    auto to_grads = [&](const float (&st)[BM / 2], const float (&dpt)[BM / 2], int it,
-                        u32 (&pa)[BM / 16][4], u32 (&sa)[BM / 16][4]) {
+    // The specialised copies for tile `it`.
+    auto to_p = [&](float (&st)[BM / 2], int it, u32 (&pa)[BM / 16][4]) {
         const int m0 = row0_of(it);
         const bool diagonal = causal && n0 + BN - 1 > m0 + (J - I);
         const bool edge = (n0 + BN > J) || mask_b != nullptr;
-        if (bias != nullptr || edge) to_grads_as(bias != nullptr, diagonal || edge ? 2 : 0, st, dpt, it, pa, sa);
-        else if (diagonal) to_grads_as(false, 1, st, dpt, it, pa, sa);
-        else to_grads_as(false, 0, st, dpt, it, pa, sa);
+        if (bias != nullptr || edge) to_p_as(bias != nullptr, diagonal || edge ? 2 : 0, st, it, pa);
+        else if (diagonal) to_p_as(false, 1, st, it, pa);
+        else to_p_as(false, 0, st, it, pa);
+    };
+    auto to_ds = [&](const float (&st)[BM / 2], const float (&dpt)[BM / 2], int it, u32 (&sa)[BM / 16][4]) {
+        if (bias != nullptr) to_ds_as(true, st, dpt, it, sa);
+        else to_ds_as(false, st, dpt, it, sa);
     };
 
     float dk[DO / 2], dv[DO / 2];
@@ -214,17 +236,14 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     pin(dk);
     pin(dv);
 
-    // dV += P^T dO, dK += dS^T Q (keys x d; k = queries) for tile `it`: A from this warpgroup's
-    // registers, so it may be issued before the barrier that publishes dS^T (one commit group).
-    auto issue_dkdv = [&](const u32 (&pa)[BM / 16][4], const u32 (&sa)[BM / 16][4], int it) {
+    // dV += P^T dO or dK += dS^T Q (keys x d; k = queries) for tile `it`, A from this warpgroup's
+    // registers (so it may be issued before the barrier that publishes dS^T), B = the dO or Q
+    // stage, MN-major; no commit.
+    auto issue_grad = [&](float (&acc)[DO / 2], const u32 (&a)[BM / 16][4], u32 b4, int it) {
         const int so = (it % STAGES) * TILE_Q + (col_base / 64) * BM * 128;   // first column slab
-        wgmma_fence();
 #pragma unroll
-        for (int kc = 0; kc < BM / 16; ++kc) {
-            Wgmma<DO, T>::template rs<1>(dv, pa[kc], sw128_desc_at<BM * 128, 1024>(o4, so + kc * 16 * 128), 1);
-            Wgmma<DO, T>::template rs<1>(dk, sa[kc], sw128_desc_at<BM * 128, 1024>(q4, so + kc * 16 * 128), 1);
-        }
-        wgmma_commit();
+        for (int kc = 0; kc < BM / 16; ++kc)
+            Wgmma<DO, T>::template rs<1>(acc, a[kc], sw128_desc_at<BM * 128, 1024>(b4, so + kc * 16 * 128), 1);
     };
     // dQ = dS K (queries x d; k = keys) over this warpgroup's slice (one commit group); dS^T of
     // the tile must be in smem, fenced, behind a barrier.
@@ -312,12 +331,32 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
         float st[BM / 2], dpt[BM / 2];
         if constexpr (TMA) mbar_wait(full + it % STAGES, (it / STAGES) & 1);
         issue_sdp(st, dpt, it);
-        wgmma_wait<0>();
-        pin(st);
-        pin(dpt);
         u32 pa[BM / 16][4], sa[BM / 16][4];
-        to_grads(st, dpt, it, pa, sa);
-        issue_dkdv(pa, sa, it);   // runs while the warpgroups meet at the barrier
+        if constexpr (OVERLAP) {
+            // P^T while dP^T runs, then dS^T while dV runs.
+            wgmma_wait<1>();
+            pin(st);
+            to_p(st, it, pa);
+            wgmma_fence();
+            issue_grad(dv, pa, o4, it);
+            wgmma_commit();
+            wgmma_wait<1>();
+            pin(dpt);
+            to_ds(st, dpt, it, sa);
+            wgmma_fence();
+            issue_grad(dk, sa, q4, it);
+            wgmma_commit();
+        } else {
+            wgmma_wait<0>();
+            pin(st);
+            pin(dpt);
+            to_p(st, it, pa);
+            to_ds(st, dpt, it, sa);
+            wgmma_fence();
+            issue_grad(dv, pa, o4, it);
+            issue_grad(dk, sa, q4, it);
+            wgmma_commit();   // runs while the warpgroups meet at the barrier
+        }
         fence_async_smem();
         __syncthreads();    // all of dS^T is in smem
 #pragma unroll
