@@ -45,6 +45,41 @@ hopper_launch.get_function = own_get_function
 get_function = own_get_function  # noqa: F811
 
 
+def _compile_job(spec):
+    own_get_function(spec)
+    return spec.name
+
+
+def precompile(specs, workers):
+    """Compile `specs` in `workers` processes first: CuPy's disk cache then serves this process
+    (the probe otherwise compiles one variant at a time)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    t0 = time.time()
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as ex:
+        names = list(ex.map(_compile_job, specs))
+    log(f"precompiled {len(names)} variants in {time.time() - t0:.0f} s with {workers} processes")
+
+
+def probe_specs(args, dims, bns, wgss, qregs, tmas, releases):
+    """The Hopper variants a probe run with these arguments launches (forward with and without
+    the bias/mask code, the default backward and its other overlap setting)."""
+    out = set()
+    dtypes = set(args.dtypes.split(",")) | (set() if args.no_speed else set(args.speed_dtypes.split(",")))
+    for ct in sorted(CTYPE[dt] for dt in dtypes):
+        for d in dims:
+            for bn in ([] if args.bwd_only else [b or hopper_launch.sm90_bn(d) for b in bns]):
+                for bm in (False, True):
+                    out |= {hopper_launch.forward_spec(ct, d, bn, wgs, qr, tm, rl, 0, bm) for wgs in wgss
+                            for qr in qregs for tm in tmas for rl in (releases if tm else (False,))}
+                    if args.ws:
+                        out |= {hopper_launch.forward_spec(ct, d, bn, 2, qr, True, True, mode, bm)
+                                for qr in qregs for mode in (1, 2)}
+            if not args.fwd_only:
+                out |= {hopper_launch.backward_spec(ct, d, overlap=ov) for ov in (False, True)}
+    return sorted(out, key=lambda s: s.name)
+
+
 def log(*a):
     line = " ".join(str(x) for x in a)
     print(line, flush=True)
@@ -387,6 +422,8 @@ def main():
     ap.add_argument("--ws", action="store_true",
                     help="also check and time the warp-specialised forwards (1: producer, 2: + ping-pong)")
     ap.add_argument("--quick", action="store_true", help="time only the sm90 variants and the peers")
+    ap.add_argument("--precompile", type=int, default=0, metavar="N",
+                    help="compile the variants under test in N processes first")
     args = ap.parse_args()
     out = Path(args.out)
     dims = [int(x) for x in args.dims.split(",")]
@@ -398,6 +435,8 @@ def main():
     res = dict(correct=[], speed=[], compile=[])
     dev = cp.cuda.runtime.getDeviceProperties(0)
     log("device", dev["name"].decode(), "cc", cp.cuda.Device().compute_capability, "cupy", cp.__version__)
+    if args.precompile:
+        precompile(probe_specs(args, dims, bns, wgss, qregs, tmas, releases), args.precompile)
     all_ok = True
     for dtype in args.dtypes.split(","):
         for d in dims:

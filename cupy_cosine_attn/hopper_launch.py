@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from . import tma
 from .kernel_build import KernelSpec, get_function
 
@@ -20,7 +22,7 @@ SMEM_LIMIT = 227 * 1024                # sm_90 opt-in maximum of dynamic shared 
 # Tuning knobs (environment): the defaults are the fastest variants measured on an H200
 # (benchmarks/NOTES.md); each knob takes only the values its kernel template is built for.
 _KNOBS = {
-    "CUPY_COSINE_ATTN_SM90_BN": (64, 128, 192),   # forward: keys per tile
+    "CUPY_COSINE_ATTN_SM90_BN": (64, 128),        # forward: keys per tile
     "CUPY_COSINE_ATTN_SM90_WGS": (1, 2),          # forward: warpgroups (64 query rows each)
     "CUPY_COSINE_ATTN_SM90_QREG": (0, 1),         # forward: Q in registers for QK^T
     "CUPY_COSINE_ATTN_SM90_TMA": (0, 1),          # tiles by TMA (else cp.async): fwd K/V, bwd Q/dO
@@ -113,14 +115,18 @@ def _cpp_bool(flag):
     return "true" if flag else "false"
 
 
-def forward_spec(ctype, d, bn=None, wgs=None, qreg=None, use_tma=None, release=None, ws=None):
+def forward_spec(ctype, d, bn=None, wgs=None, qreg=None, use_tma=None, release=None, ws=None,
+                 bias_mask=False):
+    """The forward variant; bias_mask: built for calls with a bias or a key mask (the copy for
+    calls with neither leaves their code out, and with it the registers it takes)."""
     ws = sm90_ws(d) if ws is None else ws
     bn = sm90_bn(d) if bn is None else bn
     wgs = 2 if ws else (sm90_wgs(d) if wgs is None else wgs)
     qreg = sm90_qreg(d) if qreg is None else qreg
     use_tma = ws or (sm90_tma(d) if use_tma is None else use_tma)
     release = ws or ((sm90_release(d) if release is None else release) and use_tma)
-    flags = ", ".join(_cpp_bool(f) for f in (qreg, use_tma, release)) + f", {int(ws)}"
+    flags = (", ".join(_cpp_bool(f) for f in (qreg, use_tma, release)) + f", {int(ws)}, "
+             + _cpp_bool(bias_mask))
     return KernelSpec("cosine_fwd_sm90.cu", f"attn_fwd_wgmma<{d}, {ctype}, {bn}, {wgs}, {flags}>",
                       hopper=True)
 
@@ -133,6 +139,11 @@ def forward_smem(d, bn, wgs, ws=False):
 
 
 _SMEM_SET = {}
+
+
+def _null(arg):
+    """True for a null pointer argument (gpu_launch.ptr(None))."""
+    return isinstance(arg, np.uint64) and int(arg) == 0
 
 
 def launch(ctype, d, args, b, h, i, bn=None, wgs=None, qreg=None, use_tma=None, release=None,
@@ -149,7 +160,8 @@ def launch(ctype, d, args, b, h, i, bn=None, wgs=None, qreg=None, use_tma=None, 
         raise ValueError(f"the Hopper forward at d={d} with {bn}-key tiles, {wgs} warpgroups"
                          f"{' and warp specialisation' if ws else ''} needs {smem} bytes of shared "
                          f"memory (at most {SMEM_LIMIT}): change CUPY_COSINE_ATTN_SM90_BN / _WGS / _WS")
-    fn = get_function(forward_spec(ctype, d, bn, wgs, qreg, use_tma, release, ws))
+    bias_mask = not (_null(args[3]) and _null(args[4]))
+    fn = get_function(forward_spec(ctype, d, bn, wgs, qreg, use_tma, release, ws, bias_mask))
     if use_tma:
         k, v, hk = args[1], args[2], int(args[12])
         maps = (tma.rows_map(k.data.ptr, b * hk, j, d, bn), tma.rows_map(v.data.ptr, b * hk, j, d, bn))
@@ -244,25 +256,26 @@ def launch_backward(ctype, d, args, b, hk, j, dq=None, wgs=None, bm=None, use_tm
 
 def default_specs(ctype, d):
     """The variants calls of this dtype and head dim launch by default (for warm-up)."""
-    fwd = [forward_spec(ctype, d)]
-    small = forward_spec(ctype, d, sm90_bn(d, 1, True), sm90_wgs(d, 1, True))
-    return fwd + ([small] if small != fwd[0] else []) + [backward_spec(ctype, d)]
+    out = []
+    for bias_mask in (False, True):
+        fwd = forward_spec(ctype, d, bias_mask=bias_mask)
+        small = forward_spec(ctype, d, sm90_bn(d, 1, True), sm90_wgs(d, 1, True), bias_mask=bias_mask)
+        out += [fwd] + ([small] if small != fwd else [])
+    return out + [backward_spec(ctype, d)]
 
 
 def specs():
     """Every Hopper variant (for warm-up and the CI compile check, sm_90a only)."""
     cts = ("__half", "__nv_bfloat16")
-    return ([forward_spec(ct, d, bn, wgs, qreg, use_tma, release, 0) for ct in cts
-             for d in TUNED_HEAD_DIMS for bn in (64, 128) for wgs in (1, 2) for qreg in (True, False)
-             for (use_tma, release) in ((True, False), (True, True), (False, False))]
-            + [forward_spec(ct, d, bn, 2, qreg, True, True, ws) for ct in cts
-               for d in TUNED_HEAD_DIMS for bn in (64, 128) for qreg in (True, False) for ws in (1, 2)]
-            # d = 256: 64-key tiles (the only ones that fit), Q from shared memory
-            + [forward_spec(ct, 256, 64, wgs, False, use_tma, release, 0) for ct in cts
-               for wgs in (1, 2) for (use_tma, release) in ((True, False), (True, True), (False, False))]
-            # d = 128: 192-key tiles with two warpgroups (TMA)
-            + [forward_spec(ct, 128, 192, 2, qreg, True, release, 0) for ct in cts
-               for qreg in (True, False) for release in (False, True)]
+    fwd = ([(ct, d, bn, wgs, qreg, use_tma, release, 0) for ct in cts
+            for d in TUNED_HEAD_DIMS for bn in (64, 128) for wgs in (1, 2) for qreg in (True, False)
+            for (use_tma, release) in ((True, False), (True, True), (False, False))]
+           + [(ct, d, bn, 2, qreg, True, True, ws) for ct in cts
+              for d in TUNED_HEAD_DIMS for bn in (64, 128) for qreg in (True, False) for ws in (1, 2)]
+           # d = 256: 64-key tiles (the only ones that fit), Q from shared memory
+           + [(ct, 256, 64, wgs, False, use_tma, release, 0) for ct in cts
+              for wgs in (1, 2) for (use_tma, release) in ((True, False), (True, True), (False, False))])
+    return ([forward_spec(*f, bias_mask=bias_mask) for f in fwd for bias_mask in (False, True)]
             + [backward_spec(ct, d, dq, wgs, bm, use_tma, overlap) for ct in cts for d in SM90_HEAD_DIMS
                for (wgs, bm) in BWD_TILES[d]
                for dq in ((0, 1, 2) if d == 64 else (0, 1)) for use_tma in (True, False)

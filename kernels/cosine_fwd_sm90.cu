@@ -21,11 +21,12 @@
 //   wait for S(t+1); exp2(S(t+1) * c - shift) while P(t) V(t) runs
 //   wait for P(t) V(t); P(t+1) = the exponentials as 16-bit A fragments
 // The known maximum means no row max and no accumulator rescale; l is summed once at the end.
+// BIAS_MASK = false: a copy for calls with no bias and no key mask (the pointers are ignored).
 #include "attn_common.cuh"
 #include "sm90.cuh"
 using namespace cattn;
 
-template <int D, typename T, int BN, int WGS, bool QREG, bool TMA, bool RELEASE, int WS>
+template <int D, typename T, int BN, int WGS, bool QREG, bool TMA, bool RELEASE, int WS, bool BIAS_MASK>
 __global__ void __launch_bounds__(WS ? 128 * WGS + 128 : 128 * WGS, WGS == 1 ? 2 : 1)
 attn_fwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                const T* __restrict__ bias, const unsigned char* __restrict__ mask,
@@ -39,6 +40,12 @@ attn_fwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     constexpr int TILE_Q = BM * D * 2, TILE_KV = BN * D * 2;
     static_assert(TMA || !RELEASE, "stage release needs the TMA loads");
     static_assert(!WS || (RELEASE && WGS == 2), "the producer warpgroup serves two consumers by release");
+    // Calls without a bias and a key mask run a copy built without their code, whose registers
+    // then suffice for the common tiles (the launcher picks BIAS_MASK = true for the others).
+    if constexpr (!BIAS_MASK) {
+        bias = nullptr;
+        mask = nullptr;
+    }
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     unsigned char* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
     unsigned char* sQ = smem;
@@ -133,26 +140,31 @@ attn_fwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
 
     const int row0 = m0 + wg * 64 + warp * 16 + g, row1 = row0 + 8;
     float l0 = 0.f, l1 = 0.f;
-    // P = exp2(S c + bias - shift) in place, masked keys 0; `check` only on tiles that need
-    // per-key tests. Called with a literal `check` in two branches so each inlined copy is
-    // specialised.
-    auto exp_tile = [&](float (&s)[BN / 2], int n0, bool check) {
+    // P = exp2(S c + bias - shift) in place, hidden keys 0. HAS_BIAS and CHECK (per-key tests:
+    // 0 none, 1 the bounds and causal compares, 2 those and the key mask) are literals at every
+    // call, so each inlined copy is specialised: the common tile runs straight-line FFMA + MUFU,
+    // and the register pressure of the bias and mask loads stays in the copies that need them
+    // (with one general copy, ptxas spilled on every tile).
+    auto exp_tile = [&](const bool HAS_BIAS, const int CHECK, float (&s)[BN / 2], int n0) {
 #pragma unroll
         for (int i = 0; i < BN / 2; ++i) {
             const int row = (i & 2) ? row1 : row0;
             const int col = n0 + (i / 4) * 8 + 2 * t + (i & 1);
-            const float off = bias ? bview.log2_at(bi, hi, min(row, I - 1), min(col, J - 1)) - c_shift : -c_shift;
+            float off = -c_shift;
+            if (HAS_BIAS) off += bview.log2_at(bi, hi, min(row, I - 1), min(col, J - 1));
             float x = fmaf(s[i], c_scale, off);
-            if (check && !key_visible(mask_b, row, col, I, J, causal)) x = -INFINITY;
+            if (CHECK == 1 && (col >= J || (causal && col > row + (J - I)))) x = -INFINITY;
+            if (CHECK == 2 && !key_visible(mask_b, row, col, I, J, causal)) x = -INFINITY;
             s[i] = fast_exp2(x);
         }
     };
     auto softmax_exp = [&](float (&s)[BN / 2], int tile) {
         const int n0 = tile * BN;
-        if ((causal && n0 + BN - 1 > m0 + (J - I)) || (n0 + BN > J) || mask_b != nullptr)
-            exp_tile(s, n0, true);
-        else
-            exp_tile(s, n0, false);
+        const bool check = (causal && n0 + BN - 1 > m0 + (J - I)) || (n0 + BN > J);
+        if (bias != nullptr) exp_tile(true, check || mask_b != nullptr ? 2 : 0, s, n0);
+        else if (mask_b != nullptr) exp_tile(false, 2, s, n0);
+        else if (check) exp_tile(false, 1, s, n0);
+        else exp_tile(false, 0, s, n0);
     };
     // Row sums and the P fragments (A operand of PV) from the probabilities.
     auto to_p = [&](const float (&s)[BN / 2]) {
