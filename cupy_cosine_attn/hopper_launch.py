@@ -88,9 +88,10 @@ def covers(dtype, d, online):
 
 
 def sm90_qreg(d):
-    """Q as register A fragments for QK^T (RS form) in the forward, else from smem (SS form;
-    the default at d = 256, where Q would take 64 registers beside O's 128)."""
-    return bool(_knob("CUPY_COSINE_ATTN_SM90_QREG", 0 if d == 256 else 1))
+    """Q as register A fragments for QK^T (RS form) in the forward, else from smem (SS form, the
+    default: with the bias and mask code in a copy of its own, the SS form is the faster at every
+    head dim, and at d = 256 Q would take 64 registers beside O's 128; benchmarks/NOTES.md v6)."""
+    return bool(_knob("CUPY_COSINE_ATTN_SM90_QREG", 0))
 
 
 def sm90_tma(d):

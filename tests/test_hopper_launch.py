@@ -5,7 +5,8 @@ from cupy_cosine_attn import hopper_launch as hl
 
 KNOBS = ("CUPY_COSINE_ATTN_SM90_BN", "CUPY_COSINE_ATTN_SM90_WGS", "CUPY_COSINE_ATTN_SM90_QREG",
          "CUPY_COSINE_ATTN_SM90_TMA", "CUPY_COSINE_ATTN_SM90_RELEASE", "CUPY_COSINE_ATTN_SM90_WS",
-         "CUPY_COSINE_ATTN_SM90_BWD_WGS", "CUPY_COSINE_ATTN_SM90_BWD_BM", "CUPY_COSINE_ATTN_SM90_DQ")
+         "CUPY_COSINE_ATTN_SM90_BWD_WGS", "CUPY_COSINE_ATTN_SM90_BWD_BM", "CUPY_COSINE_ATTN_SM90_DQ",
+         "CUPY_COSINE_ATTN_SM90_BWD_OVERLAP")
 SMEM_PER_BLOCK = 227 * 1024          # sm_90 opt-in maximum of dynamic shared memory per block
 
 
@@ -16,10 +17,17 @@ def no_knobs(monkeypatch):
 
 
 def test_default_variants_are_the_measured_ones():
-    assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 128, 1, true, true, false, 0>"
-    assert hl.forward_spec("__nv_bfloat16", 128).name == "attn_fwd_wgmma<128, __nv_bfloat16, 128, 2, true, true, false, 0>"
-    assert hl.backward_spec("__half", 64).name == "attn_bwd_wgmma<64, __half, 1, 2, 128, true>"
-    assert hl.backward_spec("__nv_bfloat16", 128).name == "attn_bwd_wgmma<128, __nv_bfloat16, 1, 2, 64, true>"
+    assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 128, 1, false, true, false, 0, false>"
+    assert hl.forward_spec("__nv_bfloat16", 128).name == "attn_fwd_wgmma<128, __nv_bfloat16, 128, 2, false, true, false, 0, false>"
+    assert hl.backward_spec("__half", 64).name == "attn_bwd_wgmma<64, __half, 1, 2, 128, true, true>"
+    assert hl.backward_spec("__nv_bfloat16", 128).name == "attn_bwd_wgmma<128, __nv_bfloat16, 1, 2, 64, true, true>"
+
+
+def test_calls_with_a_bias_or_mask_get_the_copy_built_for_them():
+    import numpy as np
+    assert hl.forward_spec("__half", 64, bias_mask=True).name == \
+        "attn_fwd_wgmma<64, __half, 128, 1, false, true, false, 0, true>"
+    assert hl._null(np.uint64(0)) and not hl._null(np.uint64(8)) and not hl._null(np.zeros(1))
 
 
 def test_short_causal_calls_at_d128_use_the_small_tiles(monkeypatch):
@@ -28,10 +36,12 @@ def test_short_causal_calls_at_d128_use_the_small_tiles(monkeypatch):
     assert (hl.sm90_bn(128, 2048, False), hl.sm90_wgs(128, 2048, False)) == (128, 2)
     assert (hl.sm90_bn(64, 2048, True), hl.sm90_wgs(64, 2048, True)) == (128, 1)
     names = [s.name for s in hl.default_specs("__half", 128)]
-    assert names == ["attn_fwd_wgmma<128, __half, 128, 2, true, true, false, 0>",
-                     "attn_fwd_wgmma<128, __half, 64, 1, true, true, false, 0>",
-                     "attn_bwd_wgmma<128, __half, 1, 2, 64, true>"]
-    assert len(hl.default_specs("__half", 64)) == 2
+    assert names == ["attn_fwd_wgmma<128, __half, 128, 2, false, true, false, 0, false>",
+                     "attn_fwd_wgmma<128, __half, 64, 1, false, true, false, 0, false>",
+                     "attn_fwd_wgmma<128, __half, 128, 2, false, true, false, 0, true>",
+                     "attn_fwd_wgmma<128, __half, 64, 1, false, true, false, 0, true>",
+                     "attn_bwd_wgmma<128, __half, 1, 2, 64, true, true>"]
+    assert len(hl.default_specs("__half", 64)) == 3
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_BN", "128")     # a knob wins over the shape rule
     assert hl.sm90_bn(128, 2048, True) == 128
 
@@ -47,24 +57,28 @@ def test_every_default_is_among_the_compiled_variants():
 
 def test_knobs_select_variants(monkeypatch):
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_BN", "64")
+    monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_QREG", "1")
+    assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 64, 1, true, true, false, 0, false>"
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_QREG", "0")
-    assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 64, 1, false, true, false, 0>"
+    assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 64, 1, false, true, false, 0, false>"
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_RELEASE", "1")
-    assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 64, 1, false, true, true, 0>"
+    assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 64, 1, false, true, true, 0, false>"
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_TMA", "0")      # stage release needs TMA: ignored
-    assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 64, 1, false, false, false, 0>"
+    assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 64, 1, false, false, false, 0, false>"
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_WS", "1")       # implies TMA, release, two consumers
-    assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 64, 2, false, true, true, 1>"
+    assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 64, 2, false, true, true, 1, false>"
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_WS", "2")       # plus ping-pong
-    assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 64, 2, false, true, true, 2>"
+    assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 64, 2, false, true, true, 2, false>"
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_BWD_WGS", "1")
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_DQ", "0")
     # one warpgroup: only the 64-query tile exists
-    assert hl.backward_spec("__half", 64).name == "attn_bwd_wgmma<64, __half, 0, 1, 64, false>"
+    assert hl.backward_spec("__half", 64).name == "attn_bwd_wgmma<64, __half, 0, 1, 64, false, true>"
     # d = 128 keeps two warpgroups and whole-row dQ blocks fall back to rows
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_DQ", "2")
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_TMA", "0")
-    assert hl.backward_spec("__half", 128).name == "attn_bwd_wgmma<128, __half, 1, 2, 64, false>"
+    assert hl.backward_spec("__half", 128).name == "attn_bwd_wgmma<128, __half, 1, 2, 64, false, true>"
+    monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_BWD_OVERLAP", "0")
+    assert hl.backward_spec("__half", 128).name == "attn_bwd_wgmma<128, __half, 1, 2, 64, false, false>"
 
 
 @pytest.mark.parametrize("name", KNOBS)
@@ -97,13 +111,14 @@ def test_one_warpgroup_defaults_leave_room_for_two_ctas_per_sm():
 
 def test_d256_runs_the_hopper_kernels_with_the_backward_split_in_column_halves():
     assert 256 in hl.SM90_HEAD_DIMS
-    assert hl.forward_spec("__half", 256).name == "attn_fwd_wgmma<256, __half, 64, 2, false, true, false, 0>"
+    assert hl.forward_spec("__half", 256).name == "attn_fwd_wgmma<256, __half, 64, 2, false, true, false, 0, false>"
     assert hl.forward_smem(256, 64, 2) <= SMEM_PER_BLOCK
-    assert hl.backward_spec("__half", 256).name == "attn_bwd_wgmma<256, __half, 1, 1, 64, true>"
+    assert hl.backward_spec("__half", 256).name == "attn_bwd_wgmma<256, __half, 1, 1, 64, true, true>"
     assert hl.backward_smem(256, 1, 64) <= SMEM_PER_BLOCK
     assert hl.backward_column_splits(256) == 2 and hl.backward_column_splits(128) == 1
-    assert [s.name for s in hl.default_specs("__half", 256)] == [hl.forward_spec("__half", 256).name,
-                                                                 hl.backward_spec("__half", 256).name]
+    assert [s.name for s in hl.default_specs("__half", 256)] == [
+        hl.forward_spec("__half", 256).name, hl.forward_spec("__half", 256, bias_mask=True).name,
+        hl.backward_spec("__half", 256).name]
     names = {s.name for s in hl.specs()}
     assert {s.name for s in hl.default_specs("__half", 256)} <= names
 

@@ -74,7 +74,7 @@ def test_hopper_variants_compile_for_sm90a():
 def test_hopper_source_refuses_a_target_without_wgmma():
     """Compiled for plain sm_90 (no 'a' features) the wgmma kernels stop with a clear #error."""
     from cupy_cosine_attn.kernel_build import KernelSpec
-    spec = KernelSpec("cosine_fwd_sm90.cu", "attn_fwd_wgmma<64, __half, 128, 1, true, true, false, 0>")
+    spec = KernelSpec("cosine_fwd_sm90.cu", "attn_fwd_wgmma<64, __half, 128, 1, true, true, false, 0, false>")
     with pytest.raises(KernelCompileError) as info:
         compile_only(spec, "sm_90")
     assert "sm_90a" in info.value.log
