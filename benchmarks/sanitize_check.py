@@ -15,7 +15,8 @@ import cupy_cosine_attn as ca  # noqa: E402
 def main():
     g = torch.Generator(device="cuda").manual_seed(0)
     for dt in (torch.float16, torch.bfloat16, torch.float32):
-        # the 4th and 5th span several key and query tiles (the Hopper kernels' stage rings);
+        # the 4th to 6th span several key and query tiles (the Hopper kernels' stage rings; the
+        # 6th runs the forward copy built for a bias at 128-key tiles);
         # d = 256 runs the Hopper forward at d = 256; d = 24 and d = 96 with 4 groups reach the
         # normalisation passes with idle lanes and their one-warp-per-row fallback
         for d, causal, bias_kind, det, hk, i, j, groups in ((64, True, "heads", False, 1, 70, 90, 1),
@@ -23,6 +24,7 @@ def main():
                                                             (128, True, None, False, 2, 70, 90, 1),
                                                             (64, True, None, False, 2, 200, 333, 1),
                                                             (128, False, None, False, 1, 150, 300, 1),
+                                                            (128, False, "full", False, 2, 150, 300, 1),
                                                             (256, True, None, False, 2, 150, 200, 1),
                                                             (24, False, None, False, 2, 70, 90, 1),
                                                             (96, True, None, False, 2, 70, 90, 4)):

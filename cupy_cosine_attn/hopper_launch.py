@@ -87,11 +87,12 @@ def covers(dtype, d, online):
             and not online and device_is_sm90())
 
 
-def sm90_qreg(d):
-    """Q as register A fragments for QK^T (RS form) in the forward, else from smem (SS form, the
-    default: with the bias and mask code in a copy of its own, the SS form is the faster at every
-    head dim, and at d = 256 Q would take 64 registers beside O's 128; benchmarks/NOTES.md v6)."""
-    return bool(_knob("CUPY_COSINE_ATTN_SM90_QREG", 0))
+def sm90_qreg(d, bn):
+    """Q as register A fragments for QK^T (RS form) in the forward, else from smem (SS form).
+    With 64-key tiles the SS form's m64n64k16 steps need all of shared memory's bandwidth, so Q
+    goes to registers there (not at d = 256, where it would take 64 registers beside O's 128);
+    with 128-key tiles the SS form is the faster (benchmarks/NOTES.md, v6)."""
+    return bool(_knob("CUPY_COSINE_ATTN_SM90_QREG", 1 if bn == 64 and d != 256 else 0))
 
 
 def sm90_tma(d):
@@ -123,7 +124,7 @@ def forward_spec(ctype, d, bn=None, wgs=None, qreg=None, use_tma=None, release=N
     ws = sm90_ws(d) if ws is None else ws
     bn = sm90_bn(d) if bn is None else bn
     wgs = 2 if ws else (sm90_wgs(d) if wgs is None else wgs)
-    qreg = sm90_qreg(d) if qreg is None else qreg
+    qreg = sm90_qreg(d, bn) if qreg is None else qreg
     use_tma = ws or (sm90_tma(d) if use_tma is None else use_tma)
     release = ws or ((sm90_release(d) if release is None else release) and use_tma)
     flags = (", ".join(_cpp_bool(f) for f in (qreg, use_tma, release)) + f", {int(ws)}, "

@@ -37,9 +37,9 @@ def test_short_causal_calls_at_d128_use_the_small_tiles(monkeypatch):
     assert (hl.sm90_bn(64, 2048, True), hl.sm90_wgs(64, 2048, True)) == (128, 1)
     names = [s.name for s in hl.default_specs("__half", 128)]
     assert names == ["attn_fwd_wgmma<128, __half, 128, 2, false, true, false, 0, false>",
-                     "attn_fwd_wgmma<128, __half, 64, 1, false, true, false, 0, false>",
+                     "attn_fwd_wgmma<128, __half, 64, 1, true, true, false, 0, false>",
                      "attn_fwd_wgmma<128, __half, 128, 2, false, true, false, 0, true>",
-                     "attn_fwd_wgmma<128, __half, 64, 1, false, true, false, 0, true>",
+                     "attn_fwd_wgmma<128, __half, 64, 1, true, true, false, 0, true>",
                      "attn_bwd_wgmma<128, __half, 1, 2, 64, true, true>"]
     assert len(hl.default_specs("__half", 64)) == 3
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_BN", "128")     # a knob wins over the shape rule
@@ -56,8 +56,7 @@ def test_every_default_is_among_the_compiled_variants():
 
 
 def test_knobs_select_variants(monkeypatch):
-    monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_BN", "64")
-    monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_QREG", "1")
+    monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_BN", "64")      # 64-key tiles: Q in registers
     assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 64, 1, true, true, false, 0, false>"
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_QREG", "0")
     assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 64, 1, false, true, false, 0, false>"
