@@ -4,7 +4,7 @@ machine's NVRTC (no GPU needed), disassembles with nvdisasm and compares the SAS
 cubins themselves carry a few bytes that differ from compile to compile).
 
     git worktree add /tmp/tested <commit that ran on the GPU>
-    python benchmarks/compare_sass.py /tmp/tested .
+    python benchmarks/compare_sass.py /tmp/tested . [--only REGEX]
 
 Used to show that source edits made after a GPU run (comments, launch-layer code) leave the
 tested kernels unchanged.
@@ -12,14 +12,16 @@ tested kernels unchanged.
 import argparse
 import hashlib
 import importlib
+import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 
-def sass_digests(root):
-    """{variant@arch: sha256 of its SASS} for every kernel variant of the checkout at `root`."""
+def sass_digests(root, only=None):
+    """{variant@arch: sha256 of its SASS} for every kernel variant of the checkout at `root`
+    (or those whose name matches the regular expression `only`)."""
     root = str(Path(root).resolve())
     for name in [m for m in sys.modules if m.startswith("cupy_cosine_attn")]:
         del sys.modules[name]
@@ -35,6 +37,8 @@ def sass_digests(root):
         jobs = [(spec, "sm_90a") for spec in hl.specs()]
         jobs += [(spec, arch) for spec in gl.all_kernel_specs() if not spec.is_hopper
                  for arch in ("sm_80", "sm_90")]
+        if only:
+            jobs = [(spec, arch) for spec, arch in jobs if re.search(only, spec.name)]
         out = {}
         for spec, arch in jobs:
             cubin = kb._compile(spec, arch)[0] + b"\0"   # CuPy's getCUBIN drops the last byte
@@ -53,8 +57,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("old")
     ap.add_argument("new")
+    ap.add_argument("--only", metavar="REGEX", help="compare only the variants whose name matches")
     a = ap.parse_args()
-    old, new = sass_digests(a.old), sass_digests(a.new)
+    old, new = sass_digests(a.old, a.only), sass_digests(a.new, a.only)
     differ = sorted(k for k in old.keys() & new.keys() if old[k] != new[k])
     print(f"variants: {len(old)} old, {len(new)} new, {len(old.keys() & new.keys())} in both")
     print(f"only old: {sorted(old.keys() - new.keys())}")

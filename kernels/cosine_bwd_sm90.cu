@@ -153,6 +153,14 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     // Element i of st/dpt: key row (i & 2 ? key1 : key0), query column m0 + 8(i/4) + 2t + (i&1).
     const int key0 = n0 + wg * 64 + warp * 16 + g, key1 = key0 + 8;   // this thread's key rows
     auto query_col = [&](int i) { return (i / 4) * 8 + 2 * t + (i & 1); };
+    // The per-row values (lse or delta, one stage) of this thread's 4 query columns in k-chunk
+    // kc: 16 kc + 2t (+1) and 16 kc + 8 + 2t (+1); element u of the chunk takes entry
+    // (u >= 4 ? 2 : 0) + (u & 1).
+    auto chunk_cols = [&](const float* rows, int kc) {
+        const float2 lo = *reinterpret_cast<const float2*>(rows + 16 * kc + 2 * t);
+        const float2 hi = *reinterpret_cast<const float2*>(rows + 16 * kc + 8 + 2 * t);
+        return make_float4(lo.x, lo.y, hi.x, hi.y);
+    };
     // P^T = exp2(S^T c + bias - lse) of tile `it`, in place in st and as 16-bit A fragments pa.
     // HAS_BIAS and CHECK (per-key visibility tests: 0 none, 1 only the causal test, 2 all) are
     // literals at every call, so each inlined copy is specialised: the common tile (no bias, no
@@ -164,10 +172,8 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
         const float* Ls = sL + (it % STAGES) * BM;
 #pragma unroll
         for (int kc = 0; kc < BM / 16; ++kc) {
-            // The 4 query columns of this k-chunk: 16 kc + 2t (+1) and 16 kc + 8 + 2t (+1).
-            const float2 l_lo = *reinterpret_cast<const float2*>(Ls + 16 * kc + 2 * t);
-            const float2 l_hi = *reinterpret_cast<const float2*>(Ls + 16 * kc + 8 + 2 * t);
-            const float nl[4] = {lse_log2(l_lo.x), lse_log2(l_lo.y), lse_log2(l_hi.x), lse_log2(l_hi.y)};
+            const float4 l = chunk_cols(Ls, kc);
+            const float nl[4] = {lse_log2(l.x), lse_log2(l.y), lse_log2(l.z), lse_log2(l.w)};
 #pragma unroll
             for (int u = 0; u < 8; ++u) {
                 const int i = 8 * kc + u, key = (i & 2) ? key1 : key0, row = m0 + query_col(i);
@@ -193,9 +199,8 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
         const float* Ds = sDl + (it % STAGES) * BM;
 #pragma unroll
         for (int kc = 0; kc < BM / 16; ++kc) {
-            const float2 d_lo = *reinterpret_cast<const float2*>(Ds + 16 * kc + 2 * t);
-            const float2 d_hi = *reinterpret_cast<const float2*>(Ds + 16 * kc + 8 + 2 * t);
-            const float dl[4] = {d_lo.x, d_lo.y, d_hi.x, d_hi.y};
+            const float4 dc = chunk_cols(Ds, kc);
+            const float dl[4] = {dc.x, dc.y, dc.z, dc.w};
             float se[8];
 #pragma unroll
             for (int u = 0; u < 8; ++u) {
