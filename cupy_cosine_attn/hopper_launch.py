@@ -28,6 +28,7 @@ _KNOBS = {
     "CUPY_COSINE_ATTN_SM90_TMA": (0, 1),          # tiles by TMA (else cp.async): fwd K/V, bwd Q/dO
     "CUPY_COSINE_ATTN_SM90_RELEASE": (0, 1),      # forward with TMA: per-stage release, no CTA barrier
     "CUPY_COSINE_ATTN_SM90_WS": (0, 1, 2),        # forward: producer warpgroup (+ ping-pong: 2)
+    "CUPY_COSINE_ATTN_SM90_PIPE": (0, 1),         # forward: two P fragment sets, next products queued early
     "CUPY_COSINE_ATTN_SM90_BWD_WGS": (1, 2),      # backward, d = 64: warpgroups (64 keys each)
     "CUPY_COSINE_ATTN_SM90_BWD_BM": (64, 128),    # backward, d = 64 with 2 warpgroups: queries per step
     "CUPY_COSINE_ATTN_SM90_DQ": (0, 1, 2),        # backward: dQ by atomics / bulk rows / bulk blocks
@@ -113,12 +114,18 @@ def sm90_ws(d):
     return _knob("CUPY_COSINE_ATTN_SM90_WS", 0)
 
 
+def sm90_pipe(d):
+    """Forward with two sets of P fragments: P(t+1) is formed while P(t) V(t) still runs, so the
+    next products are issued without waiting for it."""
+    return bool(_knob("CUPY_COSINE_ATTN_SM90_PIPE", 0))
+
+
 def _cpp_bool(flag):
     return "true" if flag else "false"
 
 
 def forward_spec(ctype, d, bn=None, wgs=None, qreg=None, use_tma=None, release=None, ws=None,
-                 bias_mask=False):
+                 bias_mask=False, pipe=None):
     """The forward variant; bias_mask: built for calls with a bias or a key mask (the copy for
     calls with neither leaves their code out, and with it the registers it takes)."""
     ws = sm90_ws(d) if ws is None else ws
@@ -129,8 +136,9 @@ def forward_spec(ctype, d, bn=None, wgs=None, qreg=None, use_tma=None, release=N
     release = ws or ((sm90_release(d) if release is None else release) and use_tma)
     flags = (", ".join(_cpp_bool(f) for f in (qreg, use_tma, release)) + f", {int(ws)}, "
              + _cpp_bool(bias_mask))
+    pipe = sm90_pipe(d) if pipe is None else pipe
     return KernelSpec("cosine_fwd_sm90.cu", f"attn_fwd_wgmma<{d}, {ctype}, {bn}, {wgs}, {flags}>",
-                      hopper=True)
+                      ("-DCATTN_FWD_PIPE=true",) if pipe else (), hopper=True)
 
 
 def forward_smem(d, bn, wgs, ws=False):
@@ -149,7 +157,7 @@ def _null(arg):
 
 
 def launch(ctype, d, args, b, h, i, bn=None, wgs=None, qreg=None, use_tma=None, release=None,
-           ws=None):
+           ws=None, pipe=None):
     """Launch the Hopper forward with attn_fwd_mma's argument tuple (plus the K and V tensor
     maps it makes when the variant loads by TMA)."""
     j, causal = int(args[14]), int(args[16])
@@ -163,7 +171,7 @@ def launch(ctype, d, args, b, h, i, bn=None, wgs=None, qreg=None, use_tma=None, 
                          f"{' and warp specialisation' if ws else ''} needs {smem} bytes of shared "
                          f"memory (at most {SMEM_LIMIT}): change CUPY_COSINE_ATTN_SM90_BN / _WGS / _WS")
     bias_mask = not (_null(args[3]) and _null(args[4]))
-    fn = get_function(forward_spec(ctype, d, bn, wgs, qreg, use_tma, release, ws, bias_mask))
+    fn = get_function(forward_spec(ctype, d, bn, wgs, qreg, use_tma, release, ws, bias_mask, pipe))
     if use_tma:
         k, v, hk = args[1], args[2], int(args[12])
         maps = (tma.rows_map(k.data.ptr, b * hk, j, d, bn), tma.rows_map(v.data.ptr, b * hk, j, d, bn))
