@@ -2,7 +2,9 @@
 # One device call while tuning: several probe runs (each line of PROBES is one set of
 # sm90_probe.py arguments, logged to $OUT/probe_<k>.txt), then Nsight Compute on chosen kernels
 # of one forward+backward step (NCU: lines "name|kernel regex|env|step args"), each with the warp
-# stall sampling per SASS instruction exported as CSV ($OUT/ncu_<name>_source.csv).
+# stall sampling per SASS instruction exported as CSV ($OUT/ncu_<name>_source.csv). SUITE=1 then
+# runs the GPU suite with GPU tests required, under the environment SUITE_ENV ("NAME=value ...",
+# e.g. a tuning knob that selects a variant not yet the default).
 #   OUT=dir PROBES=$'args one\nargs two' NCU=$'bwd|attn_bwd_wgmma||--d 128 --n 8192' bash benchmarks/gpu_probe_ncu.sh
 set -uo pipefail
 OUT=${OUT:-gpu_logs}; mkdir -p "$OUT"
@@ -27,4 +29,10 @@ while IFS='|' read -r name regex envs stepargs; do
   ncu -i "$OUT/ncu_$name.ncu-rep" --page source --csv --print-source sass > "$OUT/ncu_${name}_source.csv" 2>&1
   echo "  source csv lines: $(wc -l < "$OUT/ncu_${name}_source.csv")"; head -c 600 "$OUT/ncu_${name}_source.csv"; echo
 done <<< "${NCU:-}"
+if [ "${SUITE:-0}" = 1 ]; then
+  echo "suite with: ${SUITE_ENV:-defaults}"
+  env ${SUITE_ENV:-} TEST_TIMEOUT=${TEST_TIMEOUT:-240} TAIL=6 bash "$(dirname "$0")/gpu_check.sh" \
+    tests/test_gpu_forward.py tests/test_gpu_backward.py tests/test_gpu_torch.py tests/test_gpu_graphs.py \
+    tests/test_gpu_sm80_path.py tests/test_torch_ops.py
+fi
 exit 0

@@ -31,7 +31,7 @@ _KNOBS = {
     "CUPY_COSINE_ATTN_SM90_PIPE": (0, 1),         # forward: two P fragment sets, next products queued early
     "CUPY_COSINE_ATTN_SM90_BWD_WGS": (1, 2),      # backward, d = 64: warpgroups (64 keys each)
     "CUPY_COSINE_ATTN_SM90_BWD_BM": (64, 128),    # backward, d = 64 with 2 warpgroups: queries per step
-    "CUPY_COSINE_ATTN_SM90_DQ": (0, 1, 2),        # backward: dQ by atomics / bulk rows / bulk blocks
+    "CUPY_COSINE_ATTN_SM90_DQ": (0, 1, 2, 3),     # backward: dQ by atomics / bulk rows / bulk blocks / TMA
     "CUPY_COSINE_ATTN_SM90_BWD_OVERLAP": (0, 1),  # backward: exponentials under dP^T, dS^T under dV
 }
 
@@ -251,11 +251,14 @@ def launch_backward(ctype, d, args, b, hk, j, dq=None, wgs=None, bm=None, use_tm
     and dO tensor maps it makes when the variant loads by TMA."""
     dq, wgs, bm, use_tma, overlap = _bwd_config(d, dq, wgs, bm, use_tma, overlap)
     fn = get_function(backward_spec(ctype, d, dq, wgs, bm, use_tma, overlap))
+    h, i = int(args[17]), int(args[19])
     if use_tma:
-        q, dout, h, i = args[0], args[3], int(args[17]), int(args[19])
+        q, dout = args[0], args[3]
         maps = (tma.rows_map(q.data.ptr, b * h, i, d, bm), tma.rows_map(dout.data.ptr, b * h, i, d, bm))
     else:
         maps = (tma.ZERO_MAP, tma.ZERO_MAP)
+    # dQ mode 3: the fp32 accumulator (b*h, i, d) in boxes of 16 rows x 32 columns (reduce-add)
+    maps += (tma.rows_map(args[8].data.ptr, b * h, i, d, 16, 32, f32=True) if dq == 3 else tma.ZERO_MAP,)
     smem = backward_smem(d, wgs, bm)
     if _SMEM_SET.get(id(fn), 0) < smem:
         fn.max_dynamic_shared_size_bytes = smem

@@ -19,6 +19,7 @@ ZERO_MAP = np.zeros((), dtype=TMA_MAP_DTYPE)[()]           # for variants that t
 
 # Driver enum values (cuda.h, CUDA 12+).
 _DTYPE_UINT16 = 1          # CU_TENSOR_MAP_DATA_TYPE_UINT16: fp16 and bf16 move as raw 16-bit words
+_DTYPE_FLOAT32 = 7         # CU_TENSOR_MAP_DATA_TYPE_FLOAT32: the dQ accumulator (reduce-add)
 _INTERLEAVE_NONE = 0
 _SWIZZLE_128B = 3
 _L2_PROMOTION_256B = 3
@@ -43,22 +44,24 @@ def _encode_fn():
     return _driver
 
 
-def rows_map(ptr, slices, rows, cols, box_rows, box_cols=64):
-    """Tensor map over a contiguous (slices, rows, cols) array of 16-bit elements at device address
-    `ptr`, read in boxes of box_rows x box_cols (box_cols * 2 = 128 bytes: one sw128 slab) with the
-    128-byte swizzle; rows beyond `rows` of a slice read as zeros."""
-    key = (int(ptr), slices, rows, cols, box_rows, box_cols)
+def rows_map(ptr, slices, rows, cols, box_rows, box_cols=64, f32=False):
+    """Tensor map over a contiguous (slices, rows, cols) array of 16-bit elements (f32: float32) at
+    device address `ptr`, in boxes of box_rows x box_cols (128 bytes of columns: one sw128 slab)
+    with the 128-byte swizzle; rows beyond `rows` of a slice read as zeros and are not written."""
+    key = (int(ptr), slices, rows, cols, box_rows, box_cols, f32)
     hit = _cache.get(key)
     if hit is not None:
         return hit
-    if ptr % 16 or (cols * 2) % 16:
+    size = 4 if f32 else 2
+    if ptr % 16 or (cols * size) % 16:
         raise ValueError(f"TMA needs 16-byte aligned rows (address {ptr:#x}, {cols} columns)")
     out = np.zeros((), dtype=TMA_MAP_DTYPE)
     dims = (ctypes.c_uint64 * 3)(cols, rows, slices)
-    strides = (ctypes.c_uint64 * 2)(cols * 2, rows * cols * 2)     # bytes, dims 1 and 2
+    strides = (ctypes.c_uint64 * 2)(cols * size, rows * cols * size)     # bytes, dims 1 and 2
     box = (ctypes.c_uint32 * 3)(box_cols, box_rows, 1)
     unit = (ctypes.c_uint32 * 3)(1, 1, 1)
-    status = _encode_fn()(out.ctypes.data, _DTYPE_UINT16, 3, ctypes.c_void_p(int(ptr)), dims,
+    status = _encode_fn()(out.ctypes.data, _DTYPE_FLOAT32 if f32 else _DTYPE_UINT16, 3,
+                          ctypes.c_void_p(int(ptr)), dims,
                           strides, box, unit, _INTERLEAVE_NONE, _SWIZZLE_128B, _L2_PROMOTION_256B,
                           _OOB_FILL_ZEROS)
     if status != 0:

@@ -32,7 +32,12 @@
 // warpgroup adds the dQ of its own 64 query rows over all 128 keys of the CTA, which halves the
 // fp32 reduce-add traffic per (query, key) pair against BM = 64 with keys split.
 // DQ: 0 = fp32 atomics; 1 = copy-engine bulk reduce-add, one row (DQ_N floats) per operation;
-// 2 = one operation per warp for its 16 whole rows (4 KiB contiguous at d = 64; DQ_N = D only).
+// 2 = one operation per warp for its 16 whole rows (4 KiB contiguous at d = 64; DQ_N = D only);
+// 3 = TMA tensor reduce-add (tensor map tmap_dq over dq_acc (B*H, I, D) fp32, boxes of 16 rows x
+// 32 columns with the 128-byte swizzle): two operations per warp and 64 columns, issued by one
+// lane. (A bulk operation takes its addresses from uniform registers, so the 16 per-lane rows of
+// mode 1 are issued one lane after another: ncu put a fifth of the d = 128 backward's stall
+// samples on that loop.)
 #include "attn_common.cuh"
 #include "sm90.cuh"
 using namespace cattn;
@@ -46,7 +51,8 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
                T* __restrict__ dbias, float* __restrict__ dbias_acc,
                long long bias_sb, long long bias_sh, long long bias_si,
                int B, int H, int HK, int I, int J, int Dim, int causal, float scale, float c_scale,
-               const __grid_constant__ TmaMap tmap_q, const __grid_constant__ TmaMap tmap_do) {
+               const __grid_constant__ TmaMap tmap_q, const __grid_constant__ TmaMap tmap_do,
+               const __grid_constant__ TmaMap tmap_dq) {
     static_assert(WGS == 2 || D == 64 || D == 256, "one warpgroup per CTA only at d = 64 and 256 (dQ registers)");
     static_assert(D != 256 || (WGS == 1 && BM == 64), "d = 256: one warpgroup, 64-query tiles (shared memory)");
     static_assert(BM == 64 || (BM == 128 && D == 64 && WGS == 2), "128-query tiles: d = 64, 2 warpgroups");
@@ -63,6 +69,7 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     constexpr int DQ_PARTS = SPLIT_D ? DO / 64 / WGS : 1;
     static_assert(!SPLIT_D || DQ_PARTS * 64 * WGS == DO, "dQ column slabs cover the CTA's columns");
     static_assert(DQ != 2 || DQ_N == D, "whole-row dQ blocks need every column in one warpgroup");
+    static_assert(DQ != 3 || DQ_N == 64, "TMA dQ: two 32-column boxes per warp");
     constexpr bool BULK_DQ = DQ != 0;
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     unsigned char* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
@@ -76,7 +83,10 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     // Shared addresses >> 4 of the wgmma operand tiles, for their descriptors (sw128_desc_at).
     const u32 k4 = smem_addr(sK) >> 4, v4 = smem_addr(sV) >> 4, q4 = smem_addr(sQ) >> 4;
     const u32 o4 = smem_addr(sO) >> 4, ds4 = smem_addr(sdS) >> 4;
-    constexpr int SDQ = DQ == 2 ? D : DQ_N + 8;    // fp32 row of a staged dQ slice (padded for DQ 1)
+    // fp32 row of a staged dQ slice: padded against bank conflicts for DQ 1; dense for DQ 3,
+    // whose per-warp 4 KiB blocks stay 1024-byte aligned for the swizzle (every region before
+    // sdQ is a multiple of 1 KiB).
+    constexpr int SDQ = DQ == 2 ? D : DQ == 3 ? DQ_N : DQ_N + 8;
     float* sdQ = sDl + STAGES * BM;                                  // BULK_DQ: per warp 16 x SDQ
     // TMA: full[s] completes when Q and dO of stage s have landed (phase n = the n-th fill).
     unsigned long long* full = reinterpret_cast<unsigned long long*>(sdQ + 4 * WGS * 16 * 72);
@@ -273,7 +283,29 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
         const int m0 = row0_of(it) + (SPLIT_Q ? wg * 64 : 0);
         float* dqb = dq_acc + (long long)(bi * H + head_of(it)) * I * D;
         const int r0 = m0 + warp * 16 + g, r1 = r0 + 8, c0 = 64 * dq_slab(part);
-        if (BULK_DQ) {
+        if constexpr (DQ == 3) {
+            // The warp's 16 rows x 64 columns as two 16 x 32 boxes in the TMA's 128-byte swizzle
+            // (16-byte chunk c of row r at chunk c ^ (r % 8): the float2 stores of a warp then
+            // fall on distinct banks), added to global memory by two tensor operations.
+            unsigned char* sw = reinterpret_cast<unsigned char*>(sdQ + (wg * 4 + warp) * 16 * SDQ);
+            if (lane == 0) bulk_wait_read();   // the last tile's boxes were read
+            __syncwarp();
+#pragma unroll
+            for (int j = 0; j < DQ_N / 8; ++j) {
+                const int col = j * 8 + 2 * t, box = col / 32, chunk = (col % 32) / 4;
+                const int at = box * 2048 + ((chunk ^ g) << 4) + (t & 1) * 8;
+                *reinterpret_cast<float2*>(sw + at + g * 128) = make_float2(dq[4 * j] * scale, dq[4 * j + 1] * scale);
+                *reinterpret_cast<float2*>(sw + at + (g + 8) * 128) = make_float2(dq[4 * j + 2] * scale, dq[4 * j + 3] * scale);
+            }
+            fence_async_smem();
+            __syncwarp();
+            if (lane == 0) {
+                const int bh = bi * H + head_of(it);
+                tma_reduce_add_3d(&tmap_dq, sw, c0, m0 + warp * 16, bh);
+                tma_reduce_add_3d(&tmap_dq, sw + 2048, c0 + 32, m0 + warp * 16, bh);
+                bulk_commit();
+            }
+        } else if (BULK_DQ) {
             // Each warp stages its 16 rows in smem; the copy engine adds them to global memory:
             // lanes 0..15 one row each (DQ = 1), or lane 0 all 16 rows at once (DQ = 2: the rows
             // are contiguous in global memory when they span the whole head dim).
@@ -381,7 +413,7 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     wgmma_wait<0>();
     pin(dk);
     pin(dv);
-    if (DQ == 2 ? lane == 0 : (BULK_DQ && lane < 16)) bulk_wait();   // smem must outlive the copy engine's reads
+    if (DQ >= 2 ? lane == 0 : (BULK_DQ && lane < 16)) bulk_wait();   // smem must outlive the copy engine's reads
 
     // dkhat = scale * dK (fp32: the normalisation backward follows), dV in T.
     float* dkb = dk_out + kv_off;

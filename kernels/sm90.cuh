@@ -124,6 +124,16 @@ __device__ __forceinline__ void tma_load_3d(void* dst, const TmaMap* map, int c0
                     "r"(c0), "r"(c1), "r"(c2), "r"(smem_addr(bar)) : "memory");
 }
 
+// dst (global, through a tensor map) += a box of fp32 from smem, by the copy engine (a bulk
+// group: bulk_commit / bulk_wait_read as for bulk_reduce_add_f32); box rows past the tensor's
+// end are not written.
+__device__ __forceinline__ void tma_reduce_add_3d(const TmaMap* map, const void* src, int c0, int c1, int c2) {
+    asm volatile("cp.reduce.async.bulk.tensor.3d.global.shared::cta.add.tile.bulk_group"
+                 " [%0, {%1, %2, %3}], [%4];\n"
+                 :: "l"(reinterpret_cast<unsigned long long>(map)), "r"(c0), "r"(c1), "r"(c2),
+                    "r"(smem_addr(src)) : "memory");
+}
+
 // Register budget of this warpgroup from here on (sm_90a; every thread of the warpgroup runs it):
 // a producer gives registers back, the consumers take them. Needs a register cap at kernel entry
 // (__launch_bounds__(threads, 1)) and one role per branch.
