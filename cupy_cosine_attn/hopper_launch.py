@@ -251,19 +251,19 @@ def launch_backward(ctype, d, args, b, hk, j, dq=None, wgs=None, bm=None, use_tm
     and dO tensor maps it makes when the variant loads by TMA."""
     dq, wgs, bm, use_tma, overlap = _bwd_config(d, dq, wgs, bm, use_tma, overlap)
     fn = get_function(backward_spec(ctype, d, dq, wgs, bm, use_tma, overlap))
-    h, i = int(args[17]), int(args[19])
+    maps = [tma.ZERO_MAP] * 3
+    if use_tma or dq == 3:
+        h, i = int(args[17]), int(args[19])
     if use_tma:
         q, dout = args[0], args[3]
-        maps = (tma.rows_map(q.data.ptr, b * h, i, d, bm), tma.rows_map(dout.data.ptr, b * h, i, d, bm))
-    else:
-        maps = (tma.ZERO_MAP, tma.ZERO_MAP)
-    # dQ mode 3: the fp32 accumulator (b*h, i, d) in boxes of 16 rows x 32 columns (reduce-add)
-    maps += (tma.rows_map(args[8].data.ptr, b * h, i, d, 16, 32, f32=True) if dq == 3 else tma.ZERO_MAP,)
+        maps[:2] = tma.rows_map(q.data.ptr, b * h, i, d, bm), tma.rows_map(dout.data.ptr, b * h, i, d, bm)
+    if dq == 3:   # the fp32 dQ accumulator (b*h, i, d), added to in boxes of 16 rows x 32 columns
+        maps[2] = tma.rows_map(args[8].data.ptr, b * h, i, d, 16, 32, f32=True)
     smem = backward_smem(d, wgs, bm)
     if _SMEM_SET.get(id(fn), 0) < smem:
         fn.max_dynamic_shared_size_bytes = smem
         _SMEM_SET[id(fn)] = smem
-    fn((b * hk * (-(-j // (64 * wgs))), backward_column_splits(d)), (128 * wgs,), args + maps,
+    fn((b * hk * (-(-j // (64 * wgs))), backward_column_splits(d)), (128 * wgs,), args + tuple(maps),
        shared_mem=smem)
 
 
