@@ -25,7 +25,6 @@ from cupy_cosine_attn.problem import softmax_shift  # noqa: E402
 
 LOG = []
 WGS_UNDER_TEST = [2]
-PIPE_UNDER_TEST = [None]   # forward P double-buffering (None: the launcher's default)
 _FUNCS = {}
 
 
@@ -71,13 +70,11 @@ def probe_specs(args, dims, bns, wgss, qregs, tmas, releases):
         for d in dims:
             for bn in ([] if args.bwd_only else [b or hopper_launch.sm90_bn(d) for b in bns]):
                 for bm in (False, True):
-                    for pipe in pipes_of(args):
-                        out |= {hopper_launch.forward_spec(ct, d, bn, wgs, qr, tm, rl, 0, bm, pipe)
-                                for wgs in wgss for qr in qregs for tm in tmas
-                                for rl in (releases if tm else (False,))}
-                        if args.ws:
-                            out |= {hopper_launch.forward_spec(ct, d, bn, 2, qr, True, True, mode, bm, pipe)
-                                    for qr in qregs for mode in (1, 2)}
+                    out |= {hopper_launch.forward_spec(ct, d, bn, wgs, qr, tm, rl, 0, bm) for wgs in wgss
+                            for qr in qregs for tm in tmas for rl in (releases if tm else (False,))}
+                    if args.ws:
+                        out |= {hopper_launch.forward_spec(ct, d, bn, 2, qr, True, True, mode, bm)
+                                for qr in qregs for mode in (1, 2)}
             if not args.fwd_only:
                 out |= {hopper_launch.backward_spec(ct, d, overlap=ov) for ov in (False, True)}
                 out |= {hopper_launch.backward_spec(ct, d, dq=m) for m in ((0, 1, 2, 3) if d == 64 else (0, 1, 3))}
@@ -85,10 +82,6 @@ def probe_specs(args, dims, bns, wgss, qregs, tmas, releases):
                 if d == 64:
                     out.add(hopper_launch.backward_spec(ct, d, wgs=1, bm=64))
     return sorted(out, key=lambda s: s.name)
-
-
-def pipes_of(args):
-    return [x == "1" for x in args.pipes.split(",")]
 
 
 def log(*a):
@@ -187,7 +180,7 @@ def run(kind, dtype, q, k, v, mask, bias, causal, scale, bn=None, wgs=2, qreg=No
     ct = CTYPE[dtype]
     if kind == "sm90":
         hopper_launch.launch(ct, d, args, b, h, i, bn=bn, wgs=wgs, qreg=qreg, use_tma=tma,
-                             release=release, ws=ws, pipe=PIPE_UNDER_TEST[0])
+                             release=release, ws=ws)
     else:
         dp = padded_dim(dtype, d)
         launch_sm80("cosine_fwd.cu", f"attn_fwd_mma<{dp}, {ct}, false, 4>",
@@ -345,7 +338,7 @@ def timeit(fn, reps=20):
 
 
 def speed(dtype, d, bns, ns, results, bwd_only=False, wgss=(1, 2), qregs=(False,), quick=False,
-          tmas=(True,), releases=(False,), ws=False, fwd_only=False, pipes=(False,)):
+          tmas=(True,), releases=(False,), ws=False, fwd_only=False):
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import sdpa_kernel, SDPBackend
@@ -385,21 +378,18 @@ def speed(dtype, d, bns, ns, results, bwd_only=False, wgss=(1, 2), qregs=(False,
                 row["bwd_sm90_atomic"] = bflops / timeit(lambda: run_bwd("sm90", dtype, q, k, v, dout, lse, delta, None, None, causal, 8.0, dqm=0), 5) / 1e12
             if not quick:
                 row["sm80"] = flops / timeit(lambda: run("sm80", dtype, q, k, v, None, None, causal, 8.0)) / 1e12
-            for bn, pipe in [(b or hopper_launch.sm90_bn(d), p) for b in bns for p in pipes]:
-                PIPE_UNDER_TEST[0] = pipe
-                pk = "_pipe" if pipe else ""
+            for bn in [b or hopper_launch.sm90_bn(d) for b in bns]:
                 for wgs in wgss:
                     for qr in qregs:
                         for tm in tmas:
                             for rl in (releases if tm else (False,)):
-                                key = f"sm90_bn{bn}_w{wgs}{'_qreg' if qr else ''}{'_tma' if tm else ''}{'_rel' if rl else ''}{pk}"
+                                key = f"sm90_bn{bn}_w{wgs}{'_qreg' if qr else ''}{'_tma' if tm else ''}{'_rel' if rl else ''}"
                                 row[key] = flops / timeit(lambda: run("sm90", dtype, q, k, v, None, None, causal, 8.0, bn, wgs, qr, tm, rl)) / 1e12
                     if ws:
                         for qr in qregs:
                             for mode in (1, 2):
-                                key = f"sm90_bn{bn}_ws{mode}{'_qreg' if qr else ''}{pk}"
+                                key = f"sm90_bn{bn}_ws{mode}{'_qreg' if qr else ''}"
                                 row[key] = flops / timeit(lambda: run("sm90", dtype, q, k, v, None, None, causal, 8.0, bn, 2, qr, True, True, mode)) / 1e12
-            PIPE_UNDER_TEST[0] = None
             tq = torch.from_dlpack(q).view(tdt) if dtype != "float16" else torch.from_dlpack(q)
             tk = torch.from_dlpack(k).view(tdt) if dtype != "float16" else torch.from_dlpack(k)
             tv = torch.from_dlpack(v).view(tdt) if dtype != "float16" else torch.from_dlpack(v)
@@ -440,7 +430,6 @@ def main():
     ap.add_argument("--ws", action="store_true",
                     help="also check and time the warp-specialised forwards (1: producer, 2: + ping-pong)")
     ap.add_argument("--quick", action="store_true", help="time only the sm90 variants and the peers")
-    ap.add_argument("--pipes", default="0", help="forward P double-buffering settings (0,1) to check and time")
     ap.add_argument("--precompile", type=int, default=0, metavar="N",
                     help="compile the variants under test in N processes first")
     args = ap.parse_args()
@@ -469,30 +458,27 @@ def main():
                     continue
                 res["compile"].append(dict(dtype=dtype, d=d, bn=bn, seconds=time.time() - t0))
                 log(f"compiled {dtype} d{d} bn{bn} in {time.time() - t0:.1f} s")
-                for pipe in pipes_of(args):
-                    PIPE_UNDER_TEST[0] = pipe
-                    for wgs in wgss:
-                        for qr in qregs:
-                            for tm in tmas:
-                                for rl in (releases if tm else (False,)):
-                                    WGS_UNDER_TEST[0] = wgs
-                                    log(f" wgs={wgs} qreg={qr} tma={tm} release={rl} pipe={pipe}")
-                                    try:
-                                        all_ok &= correctness(dtype, d, bn, res["correct"], qr, tm, rl)
-                                    except Exception as ex:  # noqa: BLE001
-                                        log("FWD FAIL", dtype, d, bn, wgs, qr, tm, rl, pipe, repr(ex)[:2000])
-                                        all_ok = False
-                    if args.ws:
-                        for qr in qregs:
-                            for mode in (1, 2):
-                                WGS_UNDER_TEST[0] = 2
-                                log(f" warp-specialised {mode} qreg={qr} pipe={pipe}")
+                for wgs in wgss:
+                    for qr in qregs:
+                        for tm in tmas:
+                            for rl in (releases if tm else (False,)):
+                                WGS_UNDER_TEST[0] = wgs
+                                log(f" wgs={wgs} qreg={qr} tma={tm} release={rl}")
                                 try:
-                                    all_ok &= correctness(dtype, d, bn, res["correct"], qr, True, True, mode)
+                                    all_ok &= correctness(dtype, d, bn, res["correct"], qr, tm, rl)
                                 except Exception as ex:  # noqa: BLE001
-                                    log("FWD FAIL ws", mode, dtype, d, bn, qr, pipe, repr(ex)[:2000])
+                                    log("FWD FAIL", dtype, d, bn, wgs, qr, tm, rl, repr(ex)[:2000])
                                     all_ok = False
-                PIPE_UNDER_TEST[0] = None
+                if args.ws:
+                    for qr in qregs:
+                        for mode in (1, 2):
+                            WGS_UNDER_TEST[0] = 2
+                            log(f" warp-specialised {mode} qreg={qr}")
+                            try:
+                                all_ok &= correctness(dtype, d, bn, res["correct"], qr, True, True, mode)
+                            except Exception as ex:  # noqa: BLE001
+                                log("FWD FAIL ws", mode, dtype, d, bn, qr, repr(ex)[:2000])
+                                all_ok = False
             if args.fwd_only:
                 continue
             try:
@@ -507,7 +493,7 @@ def main():
     for dtype in ([] if args.no_speed else args.speed_dtypes.split(",")):
         for d in dims:
             speed(dtype, d, bns, [int(x) for x in args.ns.split(",")], res["speed"], args.bwd_only,
-                  wgss, qregs, args.quick, tmas, releases, args.ws, args.fwd_only, pipes_of(args))
+                  wgss, qregs, args.quick, tmas, releases, args.ws, args.fwd_only)
     (out / "sm90_probe.json").write_text(json.dumps(res, indent=1, default=str))
     (out / "sm90_probe.log").write_text("\n".join(LOG) + "\n")
 

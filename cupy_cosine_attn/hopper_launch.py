@@ -28,7 +28,6 @@ _KNOBS = {
     "CUPY_COSINE_ATTN_SM90_TMA": (0, 1),          # tiles by TMA (else cp.async): fwd K/V, bwd Q/dO
     "CUPY_COSINE_ATTN_SM90_RELEASE": (0, 1),      # forward with TMA: per-stage release, no CTA barrier
     "CUPY_COSINE_ATTN_SM90_WS": (0, 1, 2),        # forward: producer warpgroup (+ ping-pong: 2)
-    "CUPY_COSINE_ATTN_SM90_PIPE": (0, 1),         # forward: two P fragment sets, next products queued early
     "CUPY_COSINE_ATTN_SM90_BWD_WGS": (1, 2),      # backward, d = 64: warpgroups (64 keys each)
     "CUPY_COSINE_ATTN_SM90_BWD_BM": (64, 128),    # backward, d = 64 with 2 warpgroups: queries per step
     "CUPY_COSINE_ATTN_SM90_DQ": (0, 1, 2, 3),     # backward: dQ by atomics / bulk rows / bulk blocks / TMA
@@ -102,9 +101,11 @@ def sm90_tma(d):
     return bool(_knob("CUPY_COSINE_ATTN_SM90_TMA", 1))
 
 
-def sm90_release(d):
-    """Forward ring stages released per warp on mbarriers instead of a CTA barrier per tile."""
-    return bool(_knob("CUPY_COSINE_ATTN_SM90_RELEASE", 0))
+def sm90_release(d, wgs):
+    """Forward ring stages released per warp on mbarriers instead of a CTA barrier per tile: the
+    default for two warpgroups at d = 128, where the barrier was the largest stall (ncu) and the
+    release measured faster (benchmarks/NOTES.md, v7)."""
+    return bool(_knob("CUPY_COSINE_ATTN_SM90_RELEASE", 1 if d == 128 and wgs == 2 else 0))
 
 
 def sm90_ws(d):
@@ -114,18 +115,12 @@ def sm90_ws(d):
     return _knob("CUPY_COSINE_ATTN_SM90_WS", 0)
 
 
-def sm90_pipe(d):
-    """Forward with two sets of P fragments: P(t+1) is formed while P(t) V(t) still runs, so the
-    next products are issued without waiting for it."""
-    return bool(_knob("CUPY_COSINE_ATTN_SM90_PIPE", 0))
-
-
 def _cpp_bool(flag):
     return "true" if flag else "false"
 
 
 def forward_spec(ctype, d, bn=None, wgs=None, qreg=None, use_tma=None, release=None, ws=None,
-                 bias_mask=False, pipe=None):
+                 bias_mask=False):
     """The forward variant; bias_mask: built for calls with a bias or a key mask (the copy for
     calls with neither leaves their code out, and with it the registers it takes)."""
     ws = sm90_ws(d) if ws is None else ws
@@ -133,12 +128,11 @@ def forward_spec(ctype, d, bn=None, wgs=None, qreg=None, use_tma=None, release=N
     wgs = 2 if ws else (sm90_wgs(d) if wgs is None else wgs)
     qreg = sm90_qreg(d, bn) if qreg is None else qreg
     use_tma = ws or (sm90_tma(d) if use_tma is None else use_tma)
-    release = ws or ((sm90_release(d) if release is None else release) and use_tma)
+    release = ws or ((sm90_release(d, wgs) if release is None else release) and use_tma)
     flags = (", ".join(_cpp_bool(f) for f in (qreg, use_tma, release)) + f", {int(ws)}, "
              + _cpp_bool(bias_mask))
-    pipe = sm90_pipe(d) if pipe is None else pipe
     return KernelSpec("cosine_fwd_sm90.cu", f"attn_fwd_wgmma<{d}, {ctype}, {bn}, {wgs}, {flags}>",
-                      ("-DCATTN_FWD_PIPE=true",) if pipe else (), hopper=True)
+                      hopper=True)
 
 
 def forward_smem(d, bn, wgs, ws=False):
@@ -157,7 +151,7 @@ def _null(arg):
 
 
 def launch(ctype, d, args, b, h, i, bn=None, wgs=None, qreg=None, use_tma=None, release=None,
-           ws=None, pipe=None):
+           ws=None):
     """Launch the Hopper forward with attn_fwd_mma's argument tuple (plus the K and V tensor
     maps it makes when the variant loads by TMA)."""
     j, causal = int(args[14]), int(args[16])
@@ -171,7 +165,7 @@ def launch(ctype, d, args, b, h, i, bn=None, wgs=None, qreg=None, use_tma=None, 
                          f"{' and warp specialisation' if ws else ''} needs {smem} bytes of shared "
                          f"memory (at most {SMEM_LIMIT}): change CUPY_COSINE_ATTN_SM90_BN / _WGS / _WS")
     bias_mask = not (_null(args[3]) and _null(args[4]))
-    fn = get_function(forward_spec(ctype, d, bn, wgs, qreg, use_tma, release, ws, bias_mask, pipe))
+    fn = get_function(forward_spec(ctype, d, bn, wgs, qreg, use_tma, release, ws, bias_mask))
     if use_tma:
         k, v, hk = args[1], args[2], int(args[12])
         maps = (tma.rows_map(k.data.ptr, b * hk, j, d, bn), tma.rows_map(v.data.ptr, b * hk, j, d, bn))
@@ -205,8 +199,9 @@ def sm90_bwd_bm(d, wgs):
 
 def sm90_dq_mode(d, wgs, bm):
     """How dQ reaches global memory: 0 fp32 atomics, 1 bulk reduce-add per row, 2 per warp block
-    of whole rows (only when a warpgroup holds every column, d = 64; else 1)."""
-    mode = _knob("CUPY_COSINE_ATTN_SM90_DQ", 1)
+    of whole rows (only when a warpgroup holds every column, d = 64; else 1), 3 TMA tensor
+    reduce-add of 16 x 32 boxes (the default: benchmarks/NOTES.md, v7)."""
+    mode = _knob("CUPY_COSINE_ATTN_SM90_DQ", 3)
     return 1 if mode == 2 and d != 64 else mode
 
 
@@ -291,7 +286,7 @@ def specs():
     return ([forward_spec(*f, bias_mask=bias_mask) for f in fwd for bias_mask in (False, True)]
             + [backward_spec(ct, d, dq, wgs, bm, use_tma, overlap) for ct in cts for d in SM90_HEAD_DIMS
                for (wgs, bm) in BWD_TILES[d]
-               for dq in ((0, 1, 2) if d == 64 else (0, 1)) for use_tma in (True, False)
+               for dq in ((0, 1, 2, 3) if d == 64 else (0, 1, 3)) for use_tma in (True, False)
                for overlap in (True, False)])
 
 

@@ -42,6 +42,10 @@
 #include "sm90.cuh"
 using namespace cattn;
 
+#ifndef CATTN_DIAG
+#define CATTN_DIAG 0   // phase probe (benchmarks/phase_probe.py): bits leave stages out; results wrong
+#endif
+
 template <int D, typename T, int DQ, int WGS, int BM, bool TMA, bool OVERLAP>
 __global__ void __launch_bounds__(128 * WGS, WGS == 1 ? 2 : 1)
 attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
@@ -144,7 +148,7 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     auto issue_product = [&](float (&acc)[BM / 2], u32 a4, u32 b4, int it) {
         const int so = (it % STAGES) * TILE_Q;
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
+        for (int kk = 0; kk < ((CATTN_DIAG & 8) ? 0 : D / 16); ++kk) {
             const int a_off = (kk / 4) * BN * 128 + wg * 64 * 128 + (kk % 4) * 32;
             const int b_off = so + (kk / 4) * BM * 128 + (kk % 4) * 32;
             Wgmma<BM, T>::ss(acc, sw128_desc_at<16, 1024>(a4, a_off), sw128_desc_at<16, 1024>(b4, b_off), kk > 0);
@@ -189,7 +193,7 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
                 const int i = 8 * kc + u, key = (i & 2) ? key1 : key0, row = m0 + query_col(i);
                 float x = st[i] * c_scale - nl[(u >= 4 ? 2 : 0) + (u & 1)];
                 if (HAS_BIAS) x += bview.log2_at(bi, hq, min(row, I - 1), min(key, J - 1));
-                float p = fast_exp2(x);
+                float p = (CATTN_DIAG & 2) ? x : fast_exp2(x);
                 if (CHECK == 2) {
                     if (!key_visible(mask_b, row, key, I, J, causal)) p = 0.f;
                 }
@@ -225,6 +229,7 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
             for (int e = 0; e < 4; ++e) sa[kc][e] = Pack<T>::from_floats(se[2 * e], se[2 * e + 1]);
             // dS^T to smem, row = local key, column = local query: pairs of queries per store.
             const int kl0 = wg * 64 + warp * 16 + g, qc0 = kc * 16 + 2 * t;
+            if (CATTN_DIAG & 16) continue;
             *reinterpret_cast<u32*>(sdS + sw128_offset<BN>(kl0, qc0)) = sa[kc][0];
             *reinterpret_cast<u32*>(sdS + sw128_offset<BN>(kl0 + 8, qc0)) = sa[kc][1];
             *reinterpret_cast<u32*>(sdS + sw128_offset<BN>(kl0, qc0 + 8)) = sa[kc][2];
@@ -257,7 +262,7 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     auto issue_grad = [&](float (&acc)[DO / 2], const u32 (&a)[BM / 16][4], u32 b4, int it) {
         const int so = (it % STAGES) * TILE_Q + (col_base / 64) * BM * 128;   // first column slab
 #pragma unroll
-        for (int kc = 0; kc < BM / 16; ++kc)
+        for (int kc = 0; kc < ((CATTN_DIAG & 4) ? 0 : BM / 16); ++kc)
             Wgmma<DO, T>::template rs<1>(acc, a[kc], sw128_desc_at<BM * 128, 1024>(b4, so + kc * 16 * 128), 1);
     };
     // dQ = dS K (queries x d; k = keys) over this warpgroup's slice (one commit group); dS^T of
@@ -269,7 +274,7 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
         const int q_slab = SPLIT_Q ? wg : 0;                       // 64-query slab of dS^T
         wgmma_fence();
 #pragma unroll
-        for (int kc = 0; kc < DQ_KEYS / 16; ++kc) {
+        for (int kc = 0; kc < ((CATTN_DIAG & 1) ? 0 : DQ_KEYS / 16); ++kc) {
             const int kr = key_base + kc * 16;
             Wgmma<DQ_N, T>::template ss<1, 1>(dq, sw128_desc_at<1024, 1024>(ds4, q_slab * BN * 128 + kr * 128),
                                               sw128_desc_at<BN * 128, 1024>(k4, col_slab * BN * 128 + kr * 128), kc > 0);
@@ -283,7 +288,8 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
         const int m0 = row0_of(it) + (SPLIT_Q ? wg * 64 : 0);
         float* dqb = dq_acc + (long long)(bi * H + head_of(it)) * I * D;
         const int r0 = m0 + warp * 16 + g, r1 = r0 + 8, c0 = 64 * dq_slab(part);
-        if constexpr (DQ == 3) {
+        if constexpr (CATTN_DIAG & 1) {
+        } else if constexpr (DQ == 3) {
             // The warp's 16 rows x 64 columns as two 16 x 32 boxes in the TMA's 128-byte swizzle
             // (16-byte chunk c of row r at chunk c ^ (r % 8): the float2 stores of a warp then
             // fall on distinct banks), added to global memory by two tensor operations.

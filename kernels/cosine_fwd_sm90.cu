@@ -26,12 +26,11 @@
 #include "sm90.cuh"
 using namespace cattn;
 
-#ifndef CATTN_FWD_PIPE
-#define CATTN_FWD_PIPE false
+#ifndef CATTN_DIAG
+#define CATTN_DIAG 0   // phase probe (benchmarks/phase_probe.py): bits leave stages out; results wrong
 #endif
 
-template <int D, typename T, int BN, int WGS, bool QREG, bool TMA, bool RELEASE, int WS, bool BIAS_MASK,
-          bool PIPE = CATTN_FWD_PIPE>
+template <int D, typename T, int BN, int WGS, bool QREG, bool TMA, bool RELEASE, int WS, bool BIAS_MASK>
 __global__ void __launch_bounds__(WS ? 128 * WGS + 128 : 128 * WGS, WGS == 1 ? 2 : 1)
 attn_fwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                const T* __restrict__ bias, const unsigned char* __restrict__ mask,
@@ -118,7 +117,7 @@ attn_fwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
         const unsigned char* kt = sK + (tile % STAGES) * TILE_KV;
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
+        for (int kk = 0; kk < ((CATTN_DIAG & 8) ? 0 : D / 16); ++kk) {
             const unsigned long long db = sw128_desc(kt + (kk / 4) * BN * 128 + (kk % 4) * 32, 16, 1024);
             if constexpr (QREG) {
                 Wgmma<BN, T>::template rs<0>(s, qa[kk], db, kk > 0);
@@ -132,15 +131,14 @@ attn_fwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     float o[D / 2];
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
-    // P(t) as A fragments; PIPE: two sets, P(t+1) is written while P(t) V(t) is still running.
-    u32 p[BN / 16][4], p2[PIPE ? BN / 16 : 1][4];
+    u32 p[BN / 16][4];
     // O += P V: BN/16 k-steps of m64nDk16, P from registers, V MN-major (keys are K).
-    auto issue_pv = [&](const u32 (&pf)[BN / 16][4], int tile) {
+    auto issue_pv = [&](int tile) {
         const unsigned char* vt = sV + (tile % STAGES) * TILE_KV;
         wgmma_fence();
 #pragma unroll
-        for (int kc = 0; kc < BN / 16; ++kc)
-            Wgmma<D, T>::template rs<1>(o, pf[kc], sw128_desc(vt + kc * 16 * 128, BN * 128, 1024), 1);
+        for (int kc = 0; kc < ((CATTN_DIAG & 4) ? 0 : BN / 16); ++kc)
+            Wgmma<D, T>::template rs<1>(o, p[kc], sw128_desc(vt + kc * 16 * 128, BN * 128, 1024), 1);
         wgmma_commit();
     };
 
@@ -161,7 +159,7 @@ attn_fwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
             float x = fmaf(s[i], c_scale, off);
             if (CHECK == 1 && (col >= J || (causal && col > row + (J - I)))) x = -INFINITY;
             if (CHECK == 2 && !key_visible(mask_b, row, col, I, J, causal)) x = -INFINITY;
-            s[i] = fast_exp2(x);
+            s[i] = (CATTN_DIAG & 2) ? x : fast_exp2(x);
         }
     };
     auto softmax_exp = [&](float (&s)[BN / 2], int tile) {
@@ -173,16 +171,16 @@ attn_fwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
         else exp_tile(false, 0, s, n0);
     };
     // Row sums and the P fragments (A operand of PV) from the probabilities.
-    auto to_p = [&](const float (&s)[BN / 2], u32 (&pf)[BN / 16][4]) {
+    auto to_p = [&](const float (&s)[BN / 2]) {
 #pragma unroll
         for (int kc = 0; kc < BN / 16; ++kc) {
             const float* e = s + 8 * kc;
             l0 += (e[0] + e[1]) + (e[4] + e[5]);
             l1 += (e[2] + e[3]) + (e[6] + e[7]);
-            pf[kc][0] = Pack<T>::from_floats(e[0], e[1]);
-            pf[kc][1] = Pack<T>::from_floats(e[2], e[3]);
-            pf[kc][2] = Pack<T>::from_floats(e[4], e[5]);
-            pf[kc][3] = Pack<T>::from_floats(e[6], e[7]);
+            p[kc][0] = Pack<T>::from_floats(e[0], e[1]);
+            p[kc][1] = Pack<T>::from_floats(e[2], e[3]);
+            p[kc][2] = Pack<T>::from_floats(e[4], e[5]);
+            p[kc][3] = Pack<T>::from_floats(e[6], e[7]);
         }
     };
 
@@ -242,118 +240,56 @@ attn_fwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     };
     if (WS == 2 && wg == 1 && n_tiles > 0) named_barrier_arrive(2, THREADS);
     pin(o);   // the zeroing of O must not sink past the first wgmma issue (C7515)
-    if constexpr (PIPE) {
-        // After the products of step t are issued and S(t+1) and P(t-1) V(t-1) are complete, the
-        // ring stages of K(t+1) and V(t-1) are free (RELEASE: released by this warp; else every
-        // warpgroup has passed the barrier here): K(t+3) and V(t+1) go in. Step -1: K(2) only.
-        auto refill = [&](int tile) {
-            if (tile >= 1) release(STAGES, tile - 1);
-            if constexpr (!RELEASE) __syncthreads();
-            if (!WS && tile + 3 < n_tiles) load_k(tile + 3);
-            if (!WS && tile >= 0 && tile + 1 < n_tiles) load_v(tile + 1);
-            if constexpr (!TMA) cp_async_commit();
-        };
-        if (n_tiles > 0) {
+    if (n_tiles > 0) {
+        float s[BN / 2];
+        wait_k(0);
+        take_turn();
+        issue_qk(s, 0);
+        pass_turn(false);
+        wgmma_wait<0>();
+        pin(s);
+        release(0, 0);
+        softmax_exp(s, 0);
+        to_p(s);
+    }
+    // Key tile t: S(t+1) and O += P(t) V(t) issued together; the exponentials of S(t+1) run while
+    // the tensor cores do P(t) V(t). Straight-line between issue and wait, so ptxas can see
+    // which accumulators are complete (else it serialises the wgmmas: C7514/C7515).
+    for (int tile = 0; tile < n_tiles; ++tile) {
+        // Every warpgroup has finished the previous tile (its wgmmas included), so the K(tile),
+        // V(tile-1) buffers may be refilled; cp.async: K(tile+1), V(tile) have landed too.
+        if constexpr (!TMA) {
+            cp_async_wait<0>();
+            fence_async_smem();
+        }
+        if constexpr (!RELEASE && !(CATTN_DIAG & 16)) __syncthreads();
+        if (!WS && tile + 2 < n_tiles) load_k(tile + 2);
+        if (!WS && tile + 1 < n_tiles) load_v(tile + 1);
+        if constexpr (!TMA) cp_async_commit();
+        if (tile + 1 < n_tiles) {
             float s[BN / 2];
-            wait_k(0);
+            wait_k(tile + 1);
+            wait_v(tile);
             take_turn();
-            issue_qk(s, 0);
+            issue_qk(s, tile + 1);
+            issue_pv(tile);
             pass_turn(false);
-            wgmma_wait<0>();
+            wgmma_wait<1>();
             pin(s);
-            release(0, 0);
-            refill(-1);
-            softmax_exp(s, 0);
-            to_p(s, p);
-        }
-        // Step t: S(t+1) and O += P(t) V(t) issued; then, once S(t+1) is complete (and with it
-        // P(t-1) V(t-1)), P(t+1) goes into the other fragment set while P(t) V(t) runs, so the
-        // tensor cores always have the next products queued when the warpgroup issues again.
-        auto step = [&](int tile, const u32 (&pc)[BN / 16][4], u32 (&pn)[BN / 16][4]) {
-            if constexpr (!TMA) {   // cp.async: K(t+1), V(t) have landed, from every thread
-                cp_async_wait<0>();
-                fence_async_smem();
-                __syncthreads();
-            }
-            if (tile + 1 < n_tiles) {
-                float s[BN / 2];
-                wait_k(tile + 1);
-                wait_v(tile);
-                take_turn();
-                issue_qk(s, tile + 1);
-                issue_pv(pc, tile);
-                pass_turn(false);
-                wgmma_wait<1>();
-                pin(s);
-                release(0, tile + 1);
-                refill(tile);
-                softmax_exp(s, tile + 1);
-                to_p(s, pn);
-            } else {
-                wait_v(tile);
-                take_turn();
-                issue_pv(pc, tile);
-                pass_turn(true);
-                wgmma_wait<0>();
-                pin(o);
-            }
-        };
-        for (int tile = 0; tile < n_tiles; tile += 2) {
-            step(tile, p, p2);
-            if (tile + 1 < n_tiles) step(tile + 1, p2, p);
-        }
-    } else {
-        if (n_tiles > 0) {
-            float s[BN / 2];
-            wait_k(0);
+            release(0, tile + 1);
+            softmax_exp(s, tile + 1);
+            wgmma_wait<0>();
+            pin(p);
+            pin(o);
+            release(STAGES, tile);
+            to_p(s);
+        } else {
+            wait_v(tile);
             take_turn();
-            issue_qk(s, 0);
-            pass_turn(false);
+            issue_pv(tile);
+            pass_turn(true);
             wgmma_wait<0>();
-            pin(s);
-            release(0, 0);
-            softmax_exp(s, 0);
-            to_p(s, p);
-        }
-        // Key tile t: S(t+1) and O += P(t) V(t) issued together; the exponentials of S(t+1) run while
-        // the tensor cores do P(t) V(t). Straight-line between issue and wait, so ptxas can see
-        // which accumulators are complete (else it serialises the wgmmas: C7514/C7515).
-        for (int tile = 0; tile < n_tiles; ++tile) {
-            // Every warpgroup has finished the previous tile (its wgmmas included), so the K(tile),
-            // V(tile-1) buffers may be refilled; cp.async: K(tile+1), V(tile) have landed too.
-            if constexpr (!TMA) {
-                cp_async_wait<0>();
-                fence_async_smem();
-            }
-            if constexpr (!RELEASE) __syncthreads();
-            if (!WS && tile + 2 < n_tiles) load_k(tile + 2);
-            if (!WS && tile + 1 < n_tiles) load_v(tile + 1);
-            if constexpr (!TMA) cp_async_commit();
-            if (tile + 1 < n_tiles) {
-                float s[BN / 2];
-                wait_k(tile + 1);
-                wait_v(tile);
-                take_turn();
-                issue_qk(s, tile + 1);
-                issue_pv(p, tile);
-                pass_turn(false);
-                wgmma_wait<1>();
-                pin(s);
-                release(0, tile + 1);
-                softmax_exp(s, tile + 1);
-                wgmma_wait<0>();
-                pin(p);
-                pin(o);
-                release(STAGES, tile);
-                to_p(s, p);
-            } else {
-                wait_v(tile);
-                take_turn();
-                issue_pv(p, tile);
-                pass_turn(true);
-                wgmma_wait<0>();
-                pin(o);
-            }
+            pin(o);
         }
     }
 
