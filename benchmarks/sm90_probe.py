@@ -76,7 +76,7 @@ def probe_specs(args, dims, bns, wgss, qregs, tmas, releases):
                         out |= {hopper_launch.forward_spec(ct, d, bn, 2, qr, True, True, mode, bm)
                                 for qr in qregs for mode in (1, 2)}
             if not args.fwd_only:
-                out |= {hopper_launch.backward_spec(ct, d, overlap=ov) for ov in (False, True)}
+                out |= {hopper_launch.backward_spec(ct, d, overlap=ov) for ov in (0, 1, 2)}
                 out |= {hopper_launch.backward_spec(ct, d, dq=m) for m in ((0, 1, 2, 3) if d == 64 else (0, 1, 3))}
                 out.add(hopper_launch.backward_spec(ct, d, use_tma=False))
                 if d == 64:
@@ -292,8 +292,8 @@ def bwd_correctness(dtype, d, results):
         g90s = run_bwd("sm90", dtype, q, k, v, dout, lse, delta, mask, bias, causal, 8.0,
                        dqm=2 if d == 64 else None)
         g90c = run_bwd("sm90", dtype, q, k, v, dout, lse, delta, mask, bias, causal, 8.0, tma=False)
-        g90n = run_bwd("sm90", dtype, q, k, v, dout, lse, delta, mask, bias, causal, 8.0,
-                       overlap=not hopper_launch.sm90_bwd_overlap(d))
+        g90n = run_bwd("sm90", dtype, q, k, v, dout, lse, delta, mask, bias, causal, 8.0, overlap=0)
+        g90r = run_bwd("sm90", dtype, q, k, v, dout, lse, delta, mask, bias, causal, 8.0, overlap=2)
         g90t = run_bwd("sm90", dtype, q, k, v, dout, lse, delta, mask, bias, causal, 8.0, dqm=3)
         g80 = run_bwd("sm80", dtype, q, k, v, dout, lse, delta, mask, bias, causal, 8.0)
         cp.cuda.Device().synchronize()
@@ -308,7 +308,10 @@ def bwd_correctness(dtype, d, results):
                                   ("dq_cpasync", tdq, g90c[0], g80[0]), ("dk_cpasync", tdk, g90c[1], g80[1]),
                                   ("dq_ovl", tdq, g90n[0], g80[0]), ("dk_ovl", tdk, g90n[1], g80[1]),
                                   ("dv_ovl", tdv, to64(g90n[2], dtype), to64(g80[2], dtype)),
-                                  ("db_ovl", tdb, g90n[3], g80[3]), ("dq_tma", tdq, g90t[0], g80[0])):
+                                  ("db_ovl", tdb, g90n[3], g80[3]), ("dq_tma", tdq, g90t[0], g80[0]),
+                                  ("dq_ovl2", tdq, g90r[0], g80[0]), ("dk_ovl2", tdk, g90r[1], g80[1]),
+                                  ("dv_ovl2", tdv, to64(g90r[2], dtype), to64(g80[2], dtype)),
+                                  ("db_ovl2", tdb, g90r[3], g80[3])):
             if t is None or a90 is None:
                 continue
             e90, e80 = rel(a90.astype(cp.float64), t), rel(a80.astype(cp.float64), t)
@@ -357,8 +360,8 @@ def speed(dtype, d, bns, ns, results, bwd_only=False, wgss=(1, 2), qregs=(False,
                 bwd_only = False
             if bwd_only:
                 row["bwd_sm90"] = bflops / timeit(lambda: run_bwd("sm90", dtype, q, k, v, dout, lse, delta, None, None, causal, 8.0), 5) / 1e12
-                other = not hopper_launch.sm90_bwd_overlap(d)
-                row[f"bwd_sm90_overlap{int(other)}"] = bflops / timeit(lambda: run_bwd("sm90", dtype, q, k, v, dout, lse, delta, None, None, causal, 8.0, overlap=other), 5) / 1e12
+                for other in {0, 1, 2} - {hopper_launch.sm90_bwd_overlap(d)}:
+                    row[f"bwd_sm90_overlap{other}"] = bflops / timeit(lambda: run_bwd("sm90", dtype, q, k, v, dout, lse, delta, None, None, causal, 8.0, overlap=other), 5) / 1e12
                 for m in (0, 1, 2, 3):
                     if m != hopper_launch.sm90_dq_mode(d, hopper_launch.sm90_bwd_wgs(d), 128) and (m != 2 or d == 64):
                         row[f"bwd_sm90_dq{m}"] = bflops / timeit(lambda: run_bwd("sm90", dtype, q, k, v, dout, lse, delta, None, None, causal, 8.0, dqm=m), 5) / 1e12

@@ -31,7 +31,7 @@ _KNOBS = {
     "CUPY_COSINE_ATTN_SM90_BWD_WGS": (1, 2),      # backward, d = 64: warpgroups (64 keys each)
     "CUPY_COSINE_ATTN_SM90_BWD_BM": (64, 128),    # backward, d = 64 with 2 warpgroups: queries per step
     "CUPY_COSINE_ATTN_SM90_DQ": (0, 1, 2, 3),     # backward: dQ by atomics / bulk rows / bulk blocks / TMA
-    "CUPY_COSINE_ATTN_SM90_BWD_OVERLAP": (0, 1),  # backward: exponentials under dP^T, dS^T under dV
+    "CUPY_COSINE_ATTN_SM90_BWD_OVERLAP": (0, 1, 2),  # backward: exp under dP^T, dS^T under dV (+ dK late: 2)
 }
 
 
@@ -206,9 +206,19 @@ def sm90_dq_mode(d, wgs, bm):
 
 
 def sm90_bwd_overlap(d):
-    """Backward tiles commit S^T, dP^T and dV separately, so the exponentials run under dP^T and
-    dS^T under dV (else S^T and dP^T are waited for together)."""
-    return bool(_knob("CUPY_COSINE_ATTN_SM90_BWD_OVERLAP", 1))
+    """1: backward tiles commit S^T, dP^T and dV separately, so the exponentials run under dP^T
+    and dS^T under dV (0: S^T and dP^T are waited for together); 2: also dQ is issued before dK
+    and dK left running into the next tile, whose loads move one tile earlier into a third
+    stage (64-query tiles at d = 64 and 128; the others run 1)."""
+    return _knob("CUPY_COSINE_ATTN_SM90_BWD_OVERLAP", 1)
+
+
+def backward_stages(d, wgs, bm, overlap):
+    """Q/dO ring stages of the backward: 3 with overlap 2 where each warpgroup's dQ is one
+    64-column slice and the query tiles have 64 rows (d = 64, and d = 128 with two warpgroups),
+    else 2 (the kernel runs overlap 1 there)."""
+    slices = 1 if d < 128 else (d // 2 if d == 256 else d) // 64 // wgs
+    return 3 if overlap == 2 and slices == 1 and bm == 64 else 2
 
 
 def _bwd_config(d, dq, wgs, bm, use_tma, overlap):
@@ -224,7 +234,7 @@ def backward_spec(ctype, d, dq=None, wgs=None, bm=None, use_tma=None, overlap=No
     dq, wgs, bm, use_tma, overlap = _bwd_config(d, dq, wgs, bm, use_tma, overlap)
     return KernelSpec("cosine_bwd_sm90.cu",
                       f"attn_bwd_wgmma<{d}, {ctype}, {dq}, {wgs}, {bm}, {_cpp_bool(use_tma)}, "
-                      f"{_cpp_bool(overlap)}>", hopper=True)
+                      f"{int(overlap)}>", hopper=True)
 
 
 def backward_column_splits(d):
@@ -232,12 +242,13 @@ def backward_column_splits(d):
     return 2 if d == 256 else 1
 
 
-def backward_smem(d, wgs, bm):
-    # K, V tiles; 2-stage Q and dO; the dS^T tile; 2-stage lse and delta; the dQ staging rows
-    # (16 rows of at most 64 + 8 floats per warp); 2 mbarriers; 1 KiB alignment.
-    bn = 64 * wgs
-    return (2 * bn * d * 2 + 4 * bm * d * 2 + bn * bm * 2 + 4 * bm * 4 + 4 * wgs * 16 * 72 * 4
-            + 16 + 1024)
+def backward_smem(d, wgs, bm, overlap=1):
+    # K, V tiles; Q and dO stages; the dS^T tile; lse and delta stages (to a whole KiB); the dQ
+    # staging rows (16 rows of at most 64 + 8 floats per warp); an mbarrier per stage; 1 KiB
+    # alignment.
+    bn, stages = 64 * wgs, backward_stages(d, wgs, bm, overlap)
+    return (2 * bn * d * 2 + stages * 2 * bm * d * 2 + bn * bm * 2 + -(-2 * stages * bm * 4 // 1024) * 1024
+            + 4 * wgs * 16 * 72 * 4 + 8 * stages + 1024)
 
 
 def launch_backward(ctype, d, args, b, hk, j, dq=None, wgs=None, bm=None, use_tma=None,
@@ -254,7 +265,7 @@ def launch_backward(ctype, d, args, b, hk, j, dq=None, wgs=None, bm=None, use_tm
         maps[:2] = tma.rows_map(q.data.ptr, b * h, i, d, bm), tma.rows_map(dout.data.ptr, b * h, i, d, bm)
     if dq == 3:   # the fp32 dQ accumulator (b*h, i, d), added to in boxes of 16 rows x 32 columns
         maps[2] = tma.rows_map(args[8].data.ptr, b * h, i, d, 16, 32, f32=True)
-    smem = backward_smem(d, wgs, bm)
+    smem = backward_smem(d, wgs, bm, overlap)
     if _SMEM_SET.get(id(fn), 0) < smem:
         fn.max_dynamic_shared_size_bytes = smem
         _SMEM_SET[id(fn)] = smem
@@ -287,7 +298,7 @@ def specs():
             + [backward_spec(ct, d, dq, wgs, bm, use_tma, overlap) for ct in cts for d in SM90_HEAD_DIMS
                for (wgs, bm) in BWD_TILES[d]
                for dq in ((0, 1, 2, 3) if d == 64 else (0, 1, 3)) for use_tma in (True, False)
-               for overlap in (True, False)])
+               for overlap in (0, 1, 2)])
 
 
 # (warpgroups, queries per step) the backward is built for at each head dim

@@ -46,7 +46,7 @@ using namespace cattn;
 #define CATTN_DIAG 0   // phase probe (benchmarks/phase_probe.py): bits leave stages out; results wrong
 #endif
 
-template <int D, typename T, int DQ, int WGS, int BM, bool TMA, bool OVERLAP>
+template <int D, typename T, int DQ, int WGS, int BM, bool TMA, int OVERLAP>
 __global__ void __launch_bounds__(128 * WGS, WGS == 1 ? 2 : 1)
 attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
@@ -60,7 +60,7 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     static_assert(WGS == 2 || D == 64 || D == 256, "one warpgroup per CTA only at d = 64 and 256 (dQ registers)");
     static_assert(D != 256 || (WGS == 1 && BM == 64), "d = 256: one warpgroup, 64-query tiles (shared memory)");
     static_assert(BM == 64 || (BM == 128 && D == 64 && WGS == 2), "128-query tiles: d = 64, 2 warpgroups");
-    constexpr int BN = 64 * WGS, THREADS = 128 * WGS, STAGES = 2;
+    constexpr int BN = 64 * WGS, THREADS = 128 * WGS;
     // Output columns of this CTA: all of them, or one half at d = 256 (blockIdx.y).
     constexpr int DO = D == 256 ? D / 2 : D;
     const int col_base = D == 256 ? (int)blockIdx.y * DO : 0;   // a constant 0 elsewhere
@@ -71,6 +71,13 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     constexpr bool SPLIT_Q = BM == 128, SPLIT_D = D >= 128;
     constexpr int DQ_N = SPLIT_D ? 64 : D, DQ_KEYS = (SPLIT_Q || SPLIT_D) ? BN : 64;
     constexpr int DQ_PARTS = SPLIT_D ? DO / 64 / WGS : 1;
+    // OVERLAP 2 (one dQ slice per warpgroup, 64-query tiles): dQ is issued before dK and waited
+    // for with dV, so dK runs under the dQ store and under the next tile's S^T/dP^T issue; the
+    // tile after next is loaded once the last tile's dK is done (after the dS^T barrier), into a
+    // third stage. (With 128-query tiles the registers of both tiles do not fit: ptxas then
+    // serialises the wgmmas, C7512; those run OVERLAP 1.)
+    constexpr bool REORDER = OVERLAP == 2 && DQ_PARTS == 1 && BM == 64;
+    constexpr int STAGES = REORDER ? 3 : 2;
     static_assert(!SPLIT_D || DQ_PARTS * 64 * WGS == DO, "dQ column slabs cover the CTA's columns");
     static_assert(DQ != 2 || DQ_N == D, "whole-row dQ blocks need every column in one warpgroup");
     static_assert(DQ != 3 || DQ_N == 64, "TMA dQ: two 32-column boxes per warp");
@@ -84,6 +91,7 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     unsigned char* sdS = sO + STAGES * TILE_Q;      // dS^T: keys x queries, sw128
     float* sL = reinterpret_cast<float*>(sdS + TILE_DS);             // STAGES x BM: lse
     float* sDl = sL + STAGES * BM;                                   // STAGES x BM: delta
+    constexpr int LD_FLOATS = (2 * STAGES * BM + 255) / 256 * 256;   // lse + delta, to 1 KiB
     // Shared addresses >> 4 of the wgmma operand tiles, for their descriptors (sw128_desc_at).
     const u32 k4 = smem_addr(sK) >> 4, v4 = smem_addr(sV) >> 4, q4 = smem_addr(sQ) >> 4;
     const u32 o4 = smem_addr(sO) >> 4, ds4 = smem_addr(sdS) >> 4;
@@ -91,7 +99,7 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     // whose per-warp 4 KiB blocks stay 1024-byte aligned for the swizzle (every region before
     // sdQ is a multiple of 1 KiB).
     constexpr int SDQ = DQ == 2 ? D : DQ == 3 ? DQ_N : DQ_N + 8;
-    float* sdQ = sDl + STAGES * BM;                                  // BULK_DQ: per warp 16 x SDQ
+    float* sdQ = sL + LD_FLOATS;                                     // BULK_DQ: per warp 16 x SDQ
     // TMA: full[s] completes when Q and dO of stage s have landed (phase n = the n-th fill).
     unsigned long long* full = reinterpret_cast<unsigned long long*>(sdQ + 4 * WGS * 16 * 72);
 
@@ -362,7 +370,43 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     }
     if (total > 0) load_q_tile(0);
     cp_async_commit();
-    for (int it = 0; it < total; ++it) {
+    if constexpr (REORDER) {
+        if (total > 1) load_q_tile(1);
+        cp_async_commit();
+    }
+    for (int it = 0; it < total && REORDER; ++it) {
+        // Tile `it` has landed (its lse and delta: every group but the newest), and every
+        // warpgroup has waited for its dQ of tile it-1, so dS^T may be rewritten.
+        cp_async_wait<1>();
+        fence_async_smem();
+        __syncthreads();
+        float st[BM / 2], dpt[BM / 2];
+        if constexpr (TMA) mbar_wait(full + it % STAGES, (it / STAGES) & 1);
+        issue_sdp(st, dpt, it);
+        u32 pa[BM / 16][4], sa[BM / 16][4];
+        wgmma_wait<1>();   // S^T, and dK of tile it-1 before it
+        pin(st);
+        to_p(st, it, pa);
+        wgmma_fence();
+        issue_grad(dv, pa, o4, it);
+        wgmma_commit();
+        wgmma_wait<1>();
+        pin(dpt);
+        to_ds(st, dpt, it, sa);
+        fence_async_smem();
+        __syncthreads();    // all of dS^T is in smem, and tile it-1 is done with: refill its stage
+        if (it + 2 < total) load_q_tile(it + 2);
+        cp_async_commit();
+        float dq[DQ_N / 2];
+        issue_dq(dq, 0);    // its fence also covers the dS^T fragments of dK
+        issue_grad(dk, sa, q4, it);
+        wgmma_commit();
+        wgmma_wait<1>();    // dV and dQ; dK runs on
+        pin(dq);
+        pin(dv);
+        store_dq(dq, it, 0);
+    }
+    for (int it = 0; it < total && !REORDER; ++it) {
         // Tile `it` has landed, and every warpgroup is done with tile it-1 (its wgmmas were
         // waited for), so the other stage and the dS^T tile may be refilled: one barrier per
         // tile here, one for dS^T below.
