@@ -15,19 +15,23 @@ import cupy_cosine_attn as ca  # noqa: E402
 def main():
     g = torch.Generator(device="cuda").manual_seed(0)
     for dt in (torch.float16, torch.bfloat16, torch.float32):
-        # the 4th to 6th span several key and query tiles (the Hopper kernels' stage rings; the
-        # 6th runs the forward copy built for a bias at 128-key tiles);
+        # the 4th to 8th span several key and query tiles (the Hopper kernels' stage rings; the
+        # 6th runs the forward copy built for a bias at 128-key tiles; the 7th and 8th, without a
+        # key mask, the warp-specialised d = 128 forward at both tile shapes, and refill every
+        # stage of its 3-stage ring and of the d = 128 backward's more than once);
         # d = 256 runs the Hopper forward at d = 256; d = 24 and d = 96 with 4 groups reach the
         # normalisation passes with idle lanes and their one-warp-per-row fallback
-        for d, causal, bias_kind, det, hk, i, j, groups in ((64, True, "heads", False, 1, 70, 90, 1),
-                                                            (40, False, "full", True, 2, 70, 90, 1),
-                                                            (128, True, None, False, 2, 70, 90, 1),
-                                                            (64, True, None, False, 2, 200, 333, 1),
-                                                            (128, False, None, False, 1, 150, 300, 1),
-                                                            (128, False, "full", False, 2, 150, 300, 1),
-                                                            (256, True, None, False, 2, 150, 200, 1),
-                                                            (24, False, None, False, 2, 70, 90, 1),
-                                                            (96, True, None, False, 2, 70, 90, 4)):
+        for d, causal, bias_kind, det, hk, i, j, groups, masked in ((64, True, "heads", False, 1, 70, 90, 1, True),
+                                                            (40, False, "full", True, 2, 70, 90, 1, True),
+                                                            (128, True, None, False, 2, 70, 90, 1, True),
+                                                            (64, True, None, False, 2, 200, 333, 1, True),
+                                                            (128, False, None, False, 1, 150, 300, 1, True),
+                                                            (128, False, "full", False, 2, 150, 300, 1, True),
+                                                            (128, False, None, False, 1, 450, 700, 1, False),
+                                                            (128, True, None, False, 2, 200, 333, 1, False),
+                                                            (256, True, None, False, 2, 150, 200, 1, True),
+                                                            (24, False, None, False, 2, 70, 90, 1, True),
+                                                            (96, True, None, False, 2, 70, 90, 4, True)):
             b, h = 2, 2
             q, k, v = (torch.randn(b, hh, n, d, device="cuda", generator=g, dtype=dt).requires_grad_()
                        for hh, n in ((h, i), (hk, j), (hk, j)))
@@ -37,7 +41,7 @@ def main():
                 bias = torch.randn(h, i, j, device="cuda", generator=g, dtype=dt).requires_grad_()
             elif bias_kind == "full":
                 bias = torch.randn(b, h, i, j, device="cuda", generator=g, dtype=dt).requires_grad_()
-            out = ca.flash_cosine_sim_attention(q, k, v, mask=mask, attn_bias=bias, causal=causal,
+            out = ca.flash_cosine_sim_attention(q, k, v, mask=mask if masked else None, attn_bias=bias, causal=causal,
                                                 deterministic=det, groups=groups, scale=8.0 / groups)
             out.float().sum().backward()
             torch.cuda.synchronize()

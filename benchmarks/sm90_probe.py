@@ -33,8 +33,12 @@ def own_get_function(spec):
     from cupy_cosine_attn.kernel_build import read_source
     key = spec
     if key not in _FUNCS:
-        # CATTN_MBAR_TIMEOUT: a TMA phase that never completes traps instead of hanging the call
-        opts = (("-std=c++17", "-DCATTN_MBAR_TIMEOUT") + tuple(spec.options)
+        # PROBE_MBAR_TIMEOUT=1 builds with CATTN_MBAR_TIMEOUT: a TMA phase that never completes
+        # traps instead of hanging the call. Only for debugging: its clock reads cost registers,
+        # and the warp-specialised forwards (168 registers per consumer) then spill and have
+        # their wgmmas serialised, which made them time far slower than the package's build.
+        debug = ("-DCATTN_MBAR_TIMEOUT",) if os.environ.get("PROBE_MBAR_TIMEOUT") == "1" else ()
+        opts = (("-std=c++17",) + debug + tuple(spec.options)
                 + (("-arch=sm_90a",) if spec.is_hopper else ()))
         mod = cp.RawModule(code=read_source(spec.source), options=opts, name_expressions=[spec.name])
         _FUNCS[key] = mod.get_function(spec.name)

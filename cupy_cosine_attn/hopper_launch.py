@@ -108,11 +108,15 @@ def sm90_release(d, wgs):
     return bool(_knob("CUPY_COSINE_ATTN_SM90_RELEASE", 1 if d == 128 and wgs == 2 else 0))
 
 
-def sm90_ws(d):
+def sm90_ws(d, bias_mask=False):
     """Warp-specialised forward: 1 = a producer warpgroup issuing the TMA copies in front of two
     consumer warpgroups (implies TMA, stage release and two warpgroups); 2 = the same with the
-    consumers taking turns to issue their matrix products (ping-pong); 0 = off."""
-    return _knob("CUPY_COSINE_ATTN_SM90_WS", 0)
+    consumers taking turns to issue their matrix products (ping-pong); 0 = off. Default: 1 at
+    d = 128 for calls without a bias or mask (measured fastest there through the package,
+    benchmarks/NOTES.md, v7; its bias/mask copy spills under the 168 registers ptxas gives the
+    consumers), unless the warpgroup or TMA knob asks for a layout it does not have."""
+    own_layout = os.environ.get("CUPY_COSINE_ATTN_SM90_WGS", "").strip() or not sm90_tma(d)
+    return _knob("CUPY_COSINE_ATTN_SM90_WS", 1 if d == 128 and not bias_mask and not own_layout else 0)
 
 
 def _cpp_bool(flag):
@@ -123,7 +127,7 @@ def forward_spec(ctype, d, bn=None, wgs=None, qreg=None, use_tma=None, release=N
                  bias_mask=False):
     """The forward variant; bias_mask: built for calls with a bias or a key mask (the copy for
     calls with neither leaves their code out, and with it the registers it takes)."""
-    ws = sm90_ws(d) if ws is None else ws
+    ws = sm90_ws(d, bias_mask) if ws is None else ws
     bn = sm90_bn(d) if bn is None else bn
     wgs = 2 if ws else (sm90_wgs(d) if wgs is None else wgs)
     qreg = sm90_qreg(d, bn) if qreg is None else qreg
@@ -155,7 +159,8 @@ def launch(ctype, d, args, b, h, i, bn=None, wgs=None, qreg=None, use_tma=None, 
     """Launch the Hopper forward with attn_fwd_mma's argument tuple (plus the K and V tensor
     maps it makes when the variant loads by TMA)."""
     j, causal = int(args[14]), int(args[16])
-    ws = sm90_ws(d) if ws is None else ws
+    bias_mask = not (_null(args[3]) and _null(args[4]))
+    ws = sm90_ws(d, bias_mask) if ws is None else ws
     bn = sm90_bn(d, j, causal) if bn is None else bn
     wgs = 2 if ws else (sm90_wgs(d, j, causal) if wgs is None else wgs)
     use_tma = ws or (sm90_tma(d) if use_tma is None else use_tma)
@@ -164,7 +169,6 @@ def launch(ctype, d, args, b, h, i, bn=None, wgs=None, qreg=None, use_tma=None, 
         raise ValueError(f"the Hopper forward at d={d} with {bn}-key tiles, {wgs} warpgroups"
                          f"{' and warp specialisation' if ws else ''} needs {smem} bytes of shared "
                          f"memory (at most {SMEM_LIMIT}): change CUPY_COSINE_ATTN_SM90_BN / _WGS / _WS")
-    bias_mask = not (_null(args[3]) and _null(args[4]))
     fn = get_function(forward_spec(ctype, d, bn, wgs, qreg, use_tma, release, ws, bias_mask))
     if use_tma:
         k, v, hk = args[1], args[2], int(args[12])
@@ -210,7 +214,7 @@ def sm90_bwd_overlap(d):
     and dS^T under dV (0: S^T and dP^T are waited for together); 2: also dQ is issued before dK
     and dK left running into the next tile, whose loads move one tile earlier into a third
     stage (64-query tiles at d = 64 and 128; the others run 1)."""
-    return _knob("CUPY_COSINE_ATTN_SM90_BWD_OVERLAP", 1)
+    return _knob("CUPY_COSINE_ATTN_SM90_BWD_OVERLAP", 2)
 
 
 def backward_stages(d, wgs, bm, overlap):
@@ -226,7 +230,9 @@ def _bwd_config(d, dq, wgs, bm, use_tma, overlap):
     bm = sm90_bwd_bm(d, wgs) if bm is None else bm
     dq = sm90_dq_mode(d, wgs, bm) if dq is None else dq
     use_tma = sm90_tma(d) if use_tma is None else use_tma
-    overlap = sm90_bwd_overlap(d) if overlap is None else overlap
+    overlap = int(sm90_bwd_overlap(d) if overlap is None else overlap)
+    if overlap == 2 and backward_stages(d, wgs, bm, overlap) == 2:
+        overlap = 1      # what the kernel runs where overlap 2 does not apply (one name per kernel)
     return dq, wgs, bm, use_tma, overlap
 
 
@@ -295,10 +301,10 @@ def specs():
            + [(ct, 256, 64, wgs, False, use_tma, release, 0) for ct in cts
               for wgs in (1, 2) for (use_tma, release) in ((True, False), (True, True), (False, False))])
     return ([forward_spec(*f, bias_mask=bias_mask) for f in fwd for bias_mask in (False, True)]
-            + [backward_spec(ct, d, dq, wgs, bm, use_tma, overlap) for ct in cts for d in SM90_HEAD_DIMS
-               for (wgs, bm) in BWD_TILES[d]
-               for dq in ((0, 1, 2, 3) if d == 64 else (0, 1, 3)) for use_tma in (True, False)
-               for overlap in (0, 1, 2)])
+            + sorted({backward_spec(ct, d, dq, wgs, bm, use_tma, overlap) for ct in cts
+                      for d in SM90_HEAD_DIMS for (wgs, bm) in BWD_TILES[d]
+                      for dq in ((0, 1, 2, 3) if d == 64 else (0, 1, 3)) for use_tma in (True, False)
+                      for overlap in (0, 1, 2)}, key=lambda spec: spec.name))
 
 
 # (warpgroups, queries per step) the backward is built for at each head dim

@@ -18,9 +18,37 @@ def no_knobs(monkeypatch):
 
 def test_default_variants_are_the_measured_ones():
     assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 128, 1, false, true, false, 0, false>"
-    assert hl.forward_spec("__nv_bfloat16", 128).name == "attn_fwd_wgmma<128, __nv_bfloat16, 128, 2, false, true, false, 0, false>"
-    assert hl.backward_spec("__half", 64).name == "attn_bwd_wgmma<64, __half, 1, 2, 128, true, true>"
-    assert hl.backward_spec("__nv_bfloat16", 128).name == "attn_bwd_wgmma<128, __nv_bfloat16, 1, 2, 64, true, true>"
+    # d = 128: the warp-specialised forward (producer warpgroup, stage release)
+    assert hl.forward_spec("__nv_bfloat16", 128).name == "attn_fwd_wgmma<128, __nv_bfloat16, 128, 2, false, true, true, 1, false>"
+    # dQ by TMA reduce-add; d = 128 runs overlap 2, d = 64 (128-query tiles) overlap 1
+    assert hl.backward_spec("__half", 64).name == "attn_bwd_wgmma<64, __half, 3, 2, 128, true, 1>"
+    assert hl.backward_spec("__nv_bfloat16", 128).name == "attn_bwd_wgmma<128, __nv_bfloat16, 3, 2, 64, true, 2>"
+
+
+def test_warp_specialisation_default_covers_d128_calls_without_bias_or_mask(monkeypatch):
+    assert hl.sm90_ws(128) == 1 and hl.sm90_ws(64) == 0 and hl.sm90_ws(256) == 0
+    # the bias/mask copy stays on the CTA-barrier forward (it spills under the WS register cap)
+    assert hl.forward_spec("__half", 128, bias_mask=True).name == \
+        "attn_fwd_wgmma<128, __half, 128, 2, false, true, true, 0, true>"
+    monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_WGS", "1")     # a layout WS does not have: off
+    assert hl.sm90_ws(128) == 0
+    assert hl.forward_spec("__half", 128).name == "attn_fwd_wgmma<128, __half, 128, 1, false, true, false, 0, false>"
+    monkeypatch.delenv("CUPY_COSINE_ATTN_SM90_WGS")
+    monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_TMA", "0")
+    assert hl.sm90_ws(128) == 0
+    monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_WS", "1")      # an explicit knob still wins
+    assert hl.sm90_ws(128) == 1
+
+
+def test_backward_overlap_2_takes_a_third_stage_only_where_it_applies():
+    assert hl.backward_stages(128, 2, 64, 2) == 3 and hl.backward_stages(64, 1, 64, 2) == 3
+    assert hl.backward_stages(64, 2, 128, 2) == 2 and hl.backward_stages(256, 1, 64, 2) == 2
+    assert hl.backward_stages(128, 2, 64, 1) == 2
+    assert hl.backward_smem(128, 2, 64, 2) == hl.backward_smem(128, 2, 64, 1) + 2 * 64 * 128 * 2 + 1024 + 8
+    # where it does not apply the spec names what runs: overlap 1
+    assert hl.backward_spec("__half", 256, overlap=2) == hl.backward_spec("__half", 256, overlap=1)
+    assert hl.backward_spec("__half", 64, overlap=2).name.endswith(", 1>")
+    assert hl.backward_spec("__half", 64, wgs=1, bm=64, overlap=2).name.endswith(", 2>")
 
 
 def test_calls_with_a_bias_or_mask_get_the_copy_built_for_them():
@@ -36,11 +64,12 @@ def test_short_causal_calls_at_d128_use_the_small_tiles(monkeypatch):
     assert (hl.sm90_bn(128, 2048, False), hl.sm90_wgs(128, 2048, False)) == (128, 2)
     assert (hl.sm90_bn(64, 2048, True), hl.sm90_wgs(64, 2048, True)) == (128, 1)
     names = [s.name for s in hl.default_specs("__half", 128)]
-    assert names == ["attn_fwd_wgmma<128, __half, 128, 2, false, true, false, 0, false>",
-                     "attn_fwd_wgmma<128, __half, 64, 1, true, true, false, 0, false>",
-                     "attn_fwd_wgmma<128, __half, 128, 2, false, true, false, 0, true>",
+    # without bias or mask the warp-specialised forward takes both tile shapes (two consumers)
+    assert names == ["attn_fwd_wgmma<128, __half, 128, 2, false, true, true, 1, false>",
+                     "attn_fwd_wgmma<128, __half, 64, 2, true, true, true, 1, false>",
+                     "attn_fwd_wgmma<128, __half, 128, 2, false, true, true, 0, true>",
                      "attn_fwd_wgmma<128, __half, 64, 1, true, true, false, 0, true>",
-                     "attn_bwd_wgmma<128, __half, 1, 2, 64, true, true>"]
+                     "attn_bwd_wgmma<128, __half, 3, 2, 64, true, 2>"]
     assert len(hl.default_specs("__half", 64)) == 3
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_BN", "128")     # a knob wins over the shape rule
     assert hl.sm90_bn(128, 2048, True) == 128
@@ -71,13 +100,16 @@ def test_knobs_select_variants(monkeypatch):
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_BWD_WGS", "1")
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_DQ", "0")
     # one warpgroup: only the 64-query tile exists
-    assert hl.backward_spec("__half", 64).name == "attn_bwd_wgmma<64, __half, 0, 1, 64, false, true>"
+    assert hl.backward_spec("__half", 64).name == "attn_bwd_wgmma<64, __half, 0, 1, 64, false, 2>"
     # d = 128 keeps two warpgroups and whole-row dQ blocks fall back to rows
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_DQ", "2")
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_TMA", "0")
-    assert hl.backward_spec("__half", 128).name == "attn_bwd_wgmma<128, __half, 1, 2, 64, false, true>"
+    assert hl.backward_spec("__half", 128).name == "attn_bwd_wgmma<128, __half, 1, 2, 64, false, 2>"
+    monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_DQ", "3")
+    monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_BWD_OVERLAP", "1")
+    assert hl.backward_spec("__half", 128).name == "attn_bwd_wgmma<128, __half, 3, 2, 64, false, 1>"
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_BWD_OVERLAP", "0")
-    assert hl.backward_spec("__half", 128).name == "attn_bwd_wgmma<128, __half, 1, 2, 64, false, false>"
+    assert hl.backward_spec("__half", 128).name == "attn_bwd_wgmma<128, __half, 3, 2, 64, false, 0>"
 
 
 @pytest.mark.parametrize("name", KNOBS)
@@ -97,7 +129,8 @@ def test_every_variant_fits_in_shared_memory():
             assert hl.forward_smem(d, bn, 2, ws=True) <= SMEM_PER_BLOCK, (d, bn, "ws")
     for d in hl.SM90_HEAD_DIMS:
         for wgs, bm in hl.BWD_TILES[d]:
-            assert hl.backward_smem(d, wgs, bm) <= SMEM_PER_BLOCK, (d, wgs, bm)
+            for overlap in (0, 1, 2):
+                assert hl.backward_smem(d, wgs, bm, overlap) <= SMEM_PER_BLOCK, (d, wgs, bm, overlap)
 
 
 def test_one_warpgroup_defaults_leave_room_for_two_ctas_per_sm():
@@ -112,7 +145,7 @@ def test_d256_runs_the_hopper_kernels_with_the_backward_split_in_column_halves()
     assert 256 in hl.SM90_HEAD_DIMS
     assert hl.forward_spec("__half", 256).name == "attn_fwd_wgmma<256, __half, 64, 2, false, true, false, 0, false>"
     assert hl.forward_smem(256, 64, 2) <= SMEM_PER_BLOCK
-    assert hl.backward_spec("__half", 256).name == "attn_bwd_wgmma<256, __half, 1, 1, 64, true, true>"
+    assert hl.backward_spec("__half", 256).name == "attn_bwd_wgmma<256, __half, 3, 1, 64, true, 1>"
     assert hl.backward_smem(256, 1, 64) <= SMEM_PER_BLOCK
     assert hl.backward_column_splits(256) == 2 and hl.backward_column_splits(128) == 1
     assert [s.name for s in hl.default_specs("__half", 256)] == [
@@ -131,6 +164,7 @@ def test_backward_grid_has_a_column_split_axis_at_d256(monkeypatch):
 
     monkeypatch.setattr(hl, "get_function", lambda spec: Fn())
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_TMA", "0")     # no tensor maps (no driver here)
+    monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_DQ", "1")
     for d in (128, 256):
         hl.launch_backward("__half", d, (None,) * 25, 2, 3, 130)
     assert launches[0][:2] == ((2 * 3 * 2, 1), (256,))      # 128 keys per CTA, two warpgroups
