@@ -213,16 +213,14 @@ def sm90_bwd_overlap(d):
     """1: backward tiles commit S^T, dP^T and dV separately, so the exponentials run under dP^T
     and dS^T under dV (0: S^T and dP^T are waited for together); 2: also dQ is issued before dK
     and dK left running into the next tile, whose loads move one tile earlier into a third
-    stage (64-query tiles at d = 64 and 128; the others run 1)."""
+    stage (d = 128 with TMA loads; elsewhere it runs as 1)."""
     return _knob("CUPY_COSINE_ATTN_SM90_BWD_OVERLAP", 2)
 
 
-def backward_stages(d, wgs, bm, overlap):
-    """Q/dO ring stages of the backward: 3 with overlap 2 where each warpgroup's dQ is one
-    64-column slice and the query tiles have 64 rows (d = 64, and d = 128 with two warpgroups),
-    else 2 (the kernel runs overlap 1 there)."""
-    slices = 1 if d < 128 else (d // 2 if d == 256 else d) // 64 // wgs
-    return 3 if overlap == 2 and slices == 1 and bm == 64 else 2
+def backward_stages(d, use_tma, overlap):
+    """Q/dO ring stages of the backward: 3 with overlap 2 at d = 128 with TMA loads, else 2 (the
+    kernel runs overlap 1 there)."""
+    return 3 if overlap == 2 and d == 128 and use_tma else 2
 
 
 def _bwd_config(d, dq, wgs, bm, use_tma, overlap):
@@ -231,7 +229,7 @@ def _bwd_config(d, dq, wgs, bm, use_tma, overlap):
     dq = sm90_dq_mode(d, wgs, bm) if dq is None else dq
     use_tma = sm90_tma(d) if use_tma is None else use_tma
     overlap = int(sm90_bwd_overlap(d) if overlap is None else overlap)
-    if overlap == 2 and backward_stages(d, wgs, bm, overlap) == 2:
+    if overlap == 2 and backward_stages(d, use_tma, overlap) == 2:
         overlap = 1      # what the kernel runs where overlap 2 does not apply (one name per kernel)
     return dq, wgs, bm, use_tma, overlap
 
@@ -248,11 +246,11 @@ def backward_column_splits(d):
     return 2 if d == 256 else 1
 
 
-def backward_smem(d, wgs, bm, overlap=1):
+def backward_smem(d, wgs, bm, overlap=1, use_tma=True):
     # K, V tiles; Q and dO stages; the dS^T tile; lse and delta stages (to a whole KiB); the dQ
     # staging rows (16 rows of at most 64 + 8 floats per warp); an mbarrier per stage; 1 KiB
     # alignment.
-    bn, stages = 64 * wgs, backward_stages(d, wgs, bm, overlap)
+    bn, stages = 64 * wgs, backward_stages(d, use_tma, overlap)
     return (2 * bn * d * 2 + stages * 2 * bm * d * 2 + bn * bm * 2 + -(-2 * stages * bm * 4 // 1024) * 1024
             + 4 * wgs * 16 * 72 * 4 + 8 * stages + 1024)
 
@@ -271,7 +269,7 @@ def launch_backward(ctype, d, args, b, hk, j, dq=None, wgs=None, bm=None, use_tm
         maps[:2] = tma.rows_map(q.data.ptr, b * h, i, d, bm), tma.rows_map(dout.data.ptr, b * h, i, d, bm)
     if dq == 3:   # the fp32 dQ accumulator (b*h, i, d), added to in boxes of 16 rows x 32 columns
         maps[2] = tma.rows_map(args[8].data.ptr, b * h, i, d, 16, 32, f32=True)
-    smem = backward_smem(d, wgs, bm, overlap)
+    smem = backward_smem(d, wgs, bm, overlap, use_tma)
     if _SMEM_SET.get(id(fn), 0) < smem:
         fn.max_dynamic_shared_size_bytes = smem
         _SMEM_SET[id(fn)] = smem

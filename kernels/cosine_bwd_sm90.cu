@@ -71,12 +71,13 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     constexpr bool SPLIT_Q = BM == 128, SPLIT_D = D >= 128;
     constexpr int DQ_N = SPLIT_D ? 64 : D, DQ_KEYS = (SPLIT_Q || SPLIT_D) ? BN : 64;
     constexpr int DQ_PARTS = SPLIT_D ? DO / 64 / WGS : 1;
-    // OVERLAP 2 (one dQ slice per warpgroup, 64-query tiles): dQ is issued before dK and waited
+    // OVERLAP 2 (d = 128, TMA loads; elsewhere it runs as 1): dQ is issued before dK and waited
     // for with dV, so dK runs under the dQ store and under the next tile's S^T/dP^T issue; the
     // tile after next is loaded once the last tile's dK is done (after the dS^T barrier), into a
-    // third stage. (With 128-query tiles the registers of both tiles do not fit: ptxas then
-    // serialises the wgmmas, C7512; those run OVERLAP 1.)
-    constexpr bool REORDER = OVERLAP == 2 && DQ_PARTS == 1 && BM == 64;
+    // third stage. (At d = 64 with 128-query tiles the registers of both tiles do not fit: ptxas
+    // serialises the wgmmas, C7512; the other layouts were neither measured nor tested with it.)
+    constexpr bool REORDER = OVERLAP == 2 && D == 128 && TMA;
+    static_assert(!REORDER || (DQ_PARTS == 1 && BM == 64), "one dQ slice per warpgroup, 64-query tiles");
     constexpr int STAGES = REORDER ? 3 : 2;
     static_assert(!SPLIT_D || DQ_PARTS * 64 * WGS == DO, "dQ column slabs cover the CTA's columns");
     static_assert(DQ != 2 || DQ_N == D, "whole-row dQ blocks need every column in one warpgroup");

@@ -41,14 +41,15 @@ def test_warp_specialisation_default_covers_d128_calls_without_bias_or_mask(monk
 
 
 def test_backward_overlap_2_takes_a_third_stage_only_where_it_applies():
-    assert hl.backward_stages(128, 2, 64, 2) == 3 and hl.backward_stages(64, 1, 64, 2) == 3
-    assert hl.backward_stages(64, 2, 128, 2) == 2 and hl.backward_stages(256, 1, 64, 2) == 2
-    assert hl.backward_stages(128, 2, 64, 1) == 2
+    assert hl.backward_stages(128, True, 2) == 3
+    assert hl.backward_stages(128, False, 2) == hl.backward_stages(128, True, 1) == 2
+    assert hl.backward_stages(64, True, 2) == hl.backward_stages(256, True, 2) == 2
     assert hl.backward_smem(128, 2, 64, 2) == hl.backward_smem(128, 2, 64, 1) + 2 * 64 * 128 * 2 + 1024 + 8
     # where it does not apply the spec names what runs: overlap 1
     assert hl.backward_spec("__half", 256, overlap=2) == hl.backward_spec("__half", 256, overlap=1)
     assert hl.backward_spec("__half", 64, overlap=2).name.endswith(", 1>")
-    assert hl.backward_spec("__half", 64, wgs=1, bm=64, overlap=2).name.endswith(", 2>")
+    assert hl.backward_spec("__half", 64, wgs=1, bm=64, overlap=2).name.endswith(", 1>")
+    assert hl.backward_spec("__half", 128, use_tma=False, overlap=2).name.endswith(", false, 1>")
 
 
 def test_calls_with_a_bias_or_mask_get_the_copy_built_for_them():
@@ -100,11 +101,13 @@ def test_knobs_select_variants(monkeypatch):
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_BWD_WGS", "1")
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_DQ", "0")
     # one warpgroup: only the 64-query tile exists
-    assert hl.backward_spec("__half", 64).name == "attn_bwd_wgmma<64, __half, 0, 1, 64, false, 2>"
+    assert hl.backward_spec("__half", 64).name == "attn_bwd_wgmma<64, __half, 0, 1, 64, false, 1>"
     # d = 128 keeps two warpgroups and whole-row dQ blocks fall back to rows
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_DQ", "2")
+    assert hl.backward_spec("__half", 128).name == "attn_bwd_wgmma<128, __half, 1, 2, 64, false, 1>"
+    monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_TMA", "1")
+    assert hl.backward_spec("__half", 128).name == "attn_bwd_wgmma<128, __half, 1, 2, 64, true, 2>"
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_TMA", "0")
-    assert hl.backward_spec("__half", 128).name == "attn_bwd_wgmma<128, __half, 1, 2, 64, false, 2>"
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_DQ", "3")
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_BWD_OVERLAP", "1")
     assert hl.backward_spec("__half", 128).name == "attn_bwd_wgmma<128, __half, 3, 2, 64, false, 1>"
