@@ -291,6 +291,21 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
         wgmma_commit();
     };
 
+    // OVERLAP (S^T and dP^T committed apart): P^T while the tensor cores do dP^T, dV issued,
+    // then dS^T (into pa / sa and the smem tile) while they do dV.
+    auto p_then_ds = [&](float (&st)[BM / 2], float (&dpt)[BM / 2], int it, u32 (&pa)[BM / 16][4],
+                         u32 (&sa)[BM / 16][4]) {
+        wgmma_wait<1>();
+        pin(st);
+        to_p(st, it, pa);
+        wgmma_fence();
+        issue_grad(dv, pa, o4, it);
+        wgmma_commit();
+        wgmma_wait<1>();
+        pin(dpt);
+        to_ds(st, dpt, it, sa);
+    };
+
     // dQ of tile `it` (complete in registers): rows m0 + q0 + 16 warp + g (+8), columns
     // c0 + 8j + 2t (+1), q0 = 64w for SPLIT_Q, c0 = 64 * dq_slab(part).
     auto store_dq = [&](const float (&dq)[DQ_N / 2], int it, int part) {
@@ -385,15 +400,7 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
         if constexpr (TMA) mbar_wait(full + it % STAGES, (it / STAGES) & 1);
         issue_sdp(st, dpt, it);
         u32 pa[BM / 16][4], sa[BM / 16][4];
-        wgmma_wait<1>();   // S^T, and dK of tile it-1 before it
-        pin(st);
-        to_p(st, it, pa);
-        wgmma_fence();
-        issue_grad(dv, pa, o4, it);
-        wgmma_commit();
-        wgmma_wait<1>();
-        pin(dpt);
-        to_ds(st, dpt, it, sa);
+        p_then_ds(st, dpt, it, pa, sa);   // its first wait also retires dK of tile it-1
         fence_async_smem();
         __syncthreads();    // all of dS^T is in smem, and tile it-1 is done with: refill its stage
         if (it + 2 < total) load_q_tile(it + 2);
@@ -421,16 +428,7 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
         issue_sdp(st, dpt, it);
         u32 pa[BM / 16][4], sa[BM / 16][4];
         if constexpr (OVERLAP) {
-            // P^T while dP^T runs, then dS^T while dV runs.
-            wgmma_wait<1>();
-            pin(st);
-            to_p(st, it, pa);
-            wgmma_fence();
-            issue_grad(dv, pa, o4, it);
-            wgmma_commit();
-            wgmma_wait<1>();
-            pin(dpt);
-            to_ds(st, dpt, it, sa);
+            p_then_ds(st, dpt, it, pa, sa);
             wgmma_fence();
             issue_grad(dk, sa, q4, it);
             wgmma_commit();

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from gpu_support import require_gpu
+from gpu_support import lean_hopper_cases, require_gpu
 
 pytestmark = pytest.mark.gpu
 require_gpu()
@@ -94,17 +94,7 @@ def test_forward_features(dtype_name, case):
     run_case(dtype_name, 64, **case)
 
 
-# Calls with neither a key mask nor a bias run the lean Hopper copies (at d = 128 the
-# warp-specialised forward, at both of its tile shapes, and the backward with its 3-stage ring);
-# the longer cases refill every ring stage several times.
-LEAN_CASES = [dict(i=128, j=128), dict(i=1, j=77), dict(i=200, j=77, causal=True),
-              dict(i=90, j=190, hk=2, causal=True), dict(i=333, j=1000),
-              dict(i=700, j=1100, causal=True, hk=2)]
-
-
-@pytest.mark.parametrize("dtype_name", ["float16", "bfloat16"])
-@pytest.mark.parametrize("d", [64, 128, 256])
-@pytest.mark.parametrize("case", LEAN_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+@lean_hopper_cases
 def test_forward_without_mask_or_bias_at_every_hopper_head_dim(dtype_name, d, case):
     run_case(dtype_name, d, **case)
 
