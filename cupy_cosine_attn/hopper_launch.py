@@ -32,6 +32,7 @@ _KNOBS = {
     "CUPY_COSINE_ATTN_SM90_BWD_BM": (64, 128),    # backward, d = 64 with 2 warpgroups: queries per step
     "CUPY_COSINE_ATTN_SM90_DQ": (0, 1, 2, 3),     # backward: dQ by atomics / bulk rows / bulk blocks / TMA
     "CUPY_COSINE_ATTN_SM90_BWD_OVERLAP": (0, 1, 2),  # backward: exp under dP^T, dS^T under dV (+ dK late: 2)
+    "CUPY_COSINE_ATTN_SM90_STAGGER": (0, 1),      # both, no causal mask: CTAs of a head start on different tiles
 }
 
 
@@ -119,6 +120,14 @@ def sm90_ws(d, bias_mask=False):
     return _knob("CUPY_COSINE_ATTN_SM90_WS", 1 if d == 128 and not bias_mask and not own_layout else 0)
 
 
+def sm90_stagger():
+    """1: without a causal mask, the CTAs of one head start their walk over the key tiles
+    (forward) or query tiles (backward) at different tiles, wrapping round, so they do not all
+    read the same tile, or add into the same dQ rows, at the same time; 0: all start at tile 0.
+    A launch argument, not a template parameter: both values run the same kernel."""
+    return _knob("CUPY_COSINE_ATTN_SM90_STAGGER", 1)
+
+
 def _cpp_bool(flag):
     return "true" if flag else "false"
 
@@ -179,7 +188,7 @@ def launch(ctype, d, args, b, h, i, bn=None, wgs=None, qreg=None, use_tma=None, 
         fn.max_dynamic_shared_size_bytes = smem
         _SMEM_SET[id(fn)] = smem
     grid = (b * h * (-(-i // (64 * wgs))),)
-    fn(grid, (128 * (wgs + (1 if ws else 0)),), args + maps, shared_mem=smem)
+    fn(grid, (128 * (wgs + (1 if ws else 0)),), args + maps + (np.int32(sm90_stagger()),), shared_mem=smem)
 
 
 def covers_backward(dtype, d, deterministic):
@@ -273,8 +282,8 @@ def launch_backward(ctype, d, args, b, hk, j, dq=None, wgs=None, bm=None, use_tm
     if _SMEM_SET.get(id(fn), 0) < smem:
         fn.max_dynamic_shared_size_bytes = smem
         _SMEM_SET[id(fn)] = smem
-    fn((b * hk * (-(-j // (64 * wgs))), backward_column_splits(d)), (128 * wgs,), args + tuple(maps),
-       shared_mem=smem)
+    fn((b * hk * (-(-j // (64 * wgs))), backward_column_splits(d)), (128 * wgs,),
+       args + tuple(maps) + (np.int32(sm90_stagger()),), shared_mem=smem)
 
 
 def default_specs(ctype, d):

@@ -56,7 +56,7 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
                long long bias_sb, long long bias_sh, long long bias_si,
                int B, int H, int HK, int I, int J, int Dim, int causal, float scale, float c_scale,
                const __grid_constant__ TmaMap tmap_q, const __grid_constant__ TmaMap tmap_do,
-               const __grid_constant__ TmaMap tmap_dq) {
+               const __grid_constant__ TmaMap tmap_dq, int stagger) {
     static_assert(WGS == 2 || D == 64 || D == 256, "one warpgroup per CTA only at d = 64 and 256 (dQ registers)");
     static_assert(D != 256 || (WGS == 1 && BM == 64), "d = 256: one warpgroup, 64-query tiles (shared memory)");
     static_assert(BM == 64 || (BM == 128 && D == 64 && WGS == 2), "128-query tiles: d = 64, 2 warpgroups");
@@ -119,8 +119,16 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     const int m_first = causal ? max(0, n0 - (J - I)) : 0;
     const int t_first = m_first / BM, n_q_tiles = (I + BM - 1) / BM;
     const int per_head = max(0, n_q_tiles - t_first), total = per_head * group;
+    // stagger (without a causal mask, whose CTAs start at their diagonals anyway): the CTA of key
+    // tile kt walks each head's query tiles from tile kt mod per_head on, wrapping round, so the
+    // CTAs of one head read different Q/dO tiles and add into different dQ rows at any one time,
+    // instead of all adding into the same rows together (the order of the sums is free).
+    const int rot = stagger && !causal && per_head > 0 ? (int)(blockIdx.x % n_key_tiles) % per_head : 0;
     auto head_of = [&](int it) { return hki * group + it / per_head; };
-    auto row0_of = [&](int it) { return (t_first + it % per_head) * BM; };
+    auto row0_of = [&](int it) {
+        const int step = it % per_head + rot;
+        return (t_first + (step >= per_head ? step - per_head : step)) * BM;
+    };
 
     load_tile_sw128<BN, D, THREADS>(reinterpret_cast<T*>(sK), k + kv_off, J - n0);
     load_tile_sw128<BN, D, THREADS>(reinterpret_cast<T*>(sV), v + kv_off, J - n0);

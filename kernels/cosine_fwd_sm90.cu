@@ -38,7 +38,8 @@ attn_fwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
                long long bias_sb, long long bias_sh, long long bias_si,
                int B, int H, int HK, int I, int J, int Dim, int causal,
                float c_scale, float c_shift,
-               const __grid_constant__ TmaMap tmap_k, const __grid_constant__ TmaMap tmap_v) {
+               const __grid_constant__ TmaMap tmap_k, const __grid_constant__ TmaMap tmap_v,
+               int stagger) {
     // THREADS: the consumer threads (the warpgroups that compute); WS puts a producer in front.
     constexpr int BM = 64 * WGS, STAGES = WS ? 3 : 2, THREADS = 128 * WGS;
     constexpr int TILE_Q = BM * D * 2, TILE_KV = BN * D * 2;
@@ -74,11 +75,20 @@ attn_fwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     const T* qb = q + ((long long)bh * I + m0) * D;
     const BiasView<T> bview{bias, bias_sb, bias_sh, bias_si};
     const int n_tiles = (key_end(m0, BM, I, J, causal) + BN - 1) / BN;
+    // stagger (without a causal mask): the CTA of row tile r walks the key tiles from tile
+    // r mod n_tiles on, wrapping round, so the CTAs of one head read different K/V tiles at any
+    // one time instead of all the same one (the order is free: no running max). `tile` below
+    // counts steps (ring stage, phase); key_tile(tile) is the tile that step reads. Left out of
+    // the bias/mask copy, whose registers are short already (it spilled more with it).
+    const int rot = !BIAS_MASK && stagger && !causal && n_tiles > 0 ? (m0 / BM) % n_tiles : 0;
+    auto key_tile = [&](int tile) { const int kt = tile + rot; return kt >= n_tiles ? kt - n_tiles : kt; };
 
-    // A key tile into its ring stage: TMA boxes of 64 columns x BN rows (one sw128 slab each;
-    // rows past J arrive as zeros), issued by thread 0; or cp.async by every thread.
+    // The key tile of step `tile` into its ring stage: TMA boxes of 64 columns x BN rows (one
+    // sw128 slab each; rows past J arrive as zeros), issued by thread 0; or cp.async by every
+    // thread.
     auto load_kv = [&](unsigned char* ring, const T* src, const TmaMap& map, int bar, int tile) {
         unsigned char* dst = ring + (tile % STAGES) * TILE_KV;
+        const int n0 = key_tile(tile) * BN;
         if constexpr (TMA) {
             if (threadIdx.x == 0) {
                 // RELEASE: the stage's previous tile (tile - STAGES) must have been released.
@@ -88,11 +98,10 @@ attn_fwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
                 mbar_arrive_expect(b, TILE_KV);
 #pragma unroll
                 for (int slab = 0; slab < D / 64; ++slab)
-                    tma_load_3d(dst + slab * BN * 128, &map, slab * 64, tile * BN, bi * HK + hki, b);
+                    tma_load_3d(dst + slab * BN * 128, &map, slab * 64, n0, bi * HK + hki, b);
             }
         } else {
-            load_tile_sw128<BN, D, THREADS>(reinterpret_cast<T*>(dst), src + (long long)tile * BN * D,
-                                            J - tile * BN);
+            load_tile_sw128<BN, D, THREADS>(reinterpret_cast<T*>(dst), src + (long long)n0 * D, J - n0);
         }
     };
     auto load_k = [&](int tile) { load_kv(sK, kb, tmap_k, 0, tile); };
@@ -163,7 +172,7 @@ attn_fwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
         }
     };
     auto softmax_exp = [&](float (&s)[BN / 2], int tile) {
-        const int n0 = tile * BN;
+        const int n0 = key_tile(tile) * BN;
         const bool check = (causal && n0 + BN - 1 > m0 + (J - I)) || (n0 + BN > J);
         if (bias != nullptr) exp_tile(true, check || mask_b != nullptr ? 2 : 0, s, n0);
         else if (mask_b != nullptr) exp_tile(false, 2, s, n0);
