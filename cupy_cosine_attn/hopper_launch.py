@@ -167,6 +167,7 @@ def launch(ctype, d, args, b, h, i, bn=None, wgs=None, qreg=None, use_tma=None, 
            ws=None):
     """Launch the Hopper forward with attn_fwd_mma's argument tuple (plus the K and V tensor
     maps it makes when the variant loads by TMA)."""
+    stagger = sm90_stagger()
     j, causal = int(args[14]), int(args[16])
     bias_mask = not (_null(args[3]) and _null(args[4]))
     ws = sm90_ws(d, bias_mask) if ws is None else ws
@@ -188,7 +189,7 @@ def launch(ctype, d, args, b, h, i, bn=None, wgs=None, qreg=None, use_tma=None, 
         fn.max_dynamic_shared_size_bytes = smem
         _SMEM_SET[id(fn)] = smem
     grid = (b * h * (-(-i // (64 * wgs))),)
-    fn(grid, (128 * (wgs + (1 if ws else 0)),), args + maps + (np.int32(sm90_stagger()),), shared_mem=smem)
+    fn(grid, (128 * (wgs + (1 if ws else 0)),), args + maps + (np.int32(stagger),), shared_mem=smem)
 
 
 def covers_backward(dtype, d, deterministic):
@@ -268,6 +269,7 @@ def launch_backward(ctype, d, args, b, hk, j, dq=None, wgs=None, bm=None, use_tm
                     overlap=None):
     """Launch the Hopper backward with attn_bwd_kv_mma's argument tuple (atomic dQ), plus the Q
     and dO tensor maps it makes when the variant loads by TMA."""
+    stagger = sm90_stagger()
     dq, wgs, bm, use_tma, overlap = _bwd_config(d, dq, wgs, bm, use_tma, overlap)
     fn = get_function(backward_spec(ctype, d, dq, wgs, bm, use_tma, overlap))
     maps = [tma.ZERO_MAP] * 3
@@ -283,7 +285,7 @@ def launch_backward(ctype, d, args, b, hk, j, dq=None, wgs=None, bm=None, use_tm
         fn.max_dynamic_shared_size_bytes = smem
         _SMEM_SET[id(fn)] = smem
     fn((b * hk * (-(-j // (64 * wgs))), backward_column_splits(d)), (128 * wgs,),
-       args + tuple(maps) + (np.int32(sm90_stagger()),), shared_mem=smem)
+       args + tuple(maps) + (np.int32(stagger),), shared_mem=smem)
 
 
 def default_specs(ctype, d):

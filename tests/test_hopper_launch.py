@@ -118,10 +118,42 @@ def test_knobs_select_variants(monkeypatch):
 @pytest.mark.parametrize("name", KNOBS)
 @pytest.mark.parametrize("value", ["96", "abc", "-1", "1.5"])
 def test_bad_knob_values_are_refused_by_name(monkeypatch, name, value):
+    import numpy as np
     monkeypatch.setenv(name, value)
-    with pytest.raises(ValueError, match=name):
-        hl.forward_spec("__half", 64)
-        hl.backward_spec("__half", 64)
+    monkeypatch.setattr(hl, "get_function", lambda spec: pytest.fail("compiled"))
+    if name != "CUPY_COSINE_ATTN_SM90_STAGGER":
+        with pytest.raises(ValueError, match=name):      # a knob of either kernel's variant
+            hl.forward_spec("__half", 64)
+            hl.backward_spec("__half", 64)
+    else:                                            # a launch argument of both: refused before launching
+        fwd_args = (None,) * 12 + (np.int32(1), np.int32(1), np.int32(64), np.int32(0), np.int32(0))
+        with pytest.raises(ValueError, match=name):
+            hl.launch("__half", 64, fwd_args, 1, 1, 64)
+        with pytest.raises(ValueError, match=name):
+            hl.launch_backward("__half", 64, (None,) * 25, 1, 1, 64)
+
+
+def test_stagger_is_a_launch_argument_of_both_kernels(monkeypatch):
+    import numpy as np
+    launched = []
+
+    class Fn:
+        def __call__(self, grid, block, args, shared_mem=0):
+            launched.append(args[-1])
+
+    monkeypatch.setattr(hl, "get_function", lambda spec: Fn())
+    monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_TMA", "0")     # no tensor maps (no driver here)
+    monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_DQ", "1")
+    fwd_args = (None,) * 12 + (np.int32(1), np.int32(1), np.int32(64), np.int32(0), np.int32(0))
+    for value in (None, "0", "1"):
+        if value is None:
+            monkeypatch.delenv("CUPY_COSINE_ATTN_SM90_STAGGER", raising=False)
+        else:
+            monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_STAGGER", value)
+        hl.launch("__half", 64, fwd_args, 1, 1, 64)
+        hl.launch_backward("__half", 64, (None,) * 25, 1, 1, 64)
+    assert [int(a) for a in launched] == [1, 1, 0, 0, 1, 1]
+    assert all(isinstance(a, np.int32) for a in launched)
 
 
 def test_every_variant_fits_in_shared_memory():
