@@ -30,7 +30,7 @@ _KNOBS = {
     "CUPY_COSINE_ATTN_SM90_WS": (0, 1, 2),        # forward: producer warpgroup (+ ping-pong: 2)
     "CUPY_COSINE_ATTN_SM90_BWD_WGS": (1, 2),      # backward, d = 64: warpgroups (64 keys each)
     "CUPY_COSINE_ATTN_SM90_BWD_BM": (64, 128),    # backward, d = 64 with 2 warpgroups: queries per step
-    "CUPY_COSINE_ATTN_SM90_DQ": (0, 1, 2, 3),     # backward: dQ by atomics / bulk rows / bulk blocks / TMA
+    "CUPY_COSINE_ATTN_SM90_DQ": (0, 1, 2, 3, 4),  # backward dQ: atomics / bulk rows / bulk blocks / TMA / vector red
     "CUPY_COSINE_ATTN_SM90_BWD_OVERLAP": (0, 1, 2),  # backward: exp under dP^T, dS^T under dV (+ dK late: 2)
     "CUPY_COSINE_ATTN_SM90_STAGGER": (0, 1),      # both, no causal mask: CTAs of a head start on different tiles
 }
@@ -214,7 +214,8 @@ def sm90_bwd_bm(d, wgs):
 def sm90_dq_mode(d, wgs, bm):
     """How dQ reaches global memory: 0 fp32 atomics, 1 bulk reduce-add per row, 2 per warp block
     of whole rows (only when a warpgroup holds every column, d = 64; else 1), 3 TMA tensor
-    reduce-add of 16 x 32 boxes (the default: benchmarks/NOTES.md, v7)."""
+    reduce-add of 16 x 32 boxes (the default: benchmarks/NOTES.md, v7), 4 vector reductions of
+    column pairs from registers (no staging in shared memory)."""
     mode = _knob("CUPY_COSINE_ATTN_SM90_DQ", 3)
     return 1 if mode == 2 and d != 64 else mode
 
@@ -312,7 +313,7 @@ def specs():
     return ([forward_spec(*f, bias_mask=bias_mask) for f in fwd for bias_mask in (False, True)]
             + sorted({backward_spec(ct, d, dq, wgs, bm, use_tma, overlap) for ct in cts
                       for d in SM90_HEAD_DIMS for (wgs, bm) in BWD_TILES[d]
-                      for dq in ((0, 1, 2, 3) if d == 64 else (0, 1, 3)) for use_tma in (True, False)
+                      for dq in ((0, 1, 2, 3, 4) if d == 64 else (0, 1, 3, 4)) for use_tma in (True, False)
                       for overlap in (0, 1, 2)}, key=lambda spec: spec.name))
 
 

@@ -37,7 +37,9 @@
 // 32 columns with the 128-byte swizzle): two operations per warp and 64 columns, issued by one
 // lane. (A bulk operation takes its addresses from uniform registers, so the 16 per-lane rows of
 // mode 1 are issued one lane after another: ncu put a fifth of the d = 128 backward's stall
-// samples on that loop.)
+// samples on that loop.) 4 = vector reductions (red.v2.f32) of each thread's column pairs
+// straight from registers: no staging, so no shared-memory traffic for dQ (modes 1-3 write and
+// then read 8 bytes of shared memory per element, at d = 128 about a sixth of the tile's total).
 #include "attn_common.cuh"
 #include "sm90.cuh"
 using namespace cattn;
@@ -82,7 +84,7 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     static_assert(!SPLIT_D || DQ_PARTS * 64 * WGS == DO, "dQ column slabs cover the CTA's columns");
     static_assert(DQ != 2 || DQ_N == D, "whole-row dQ blocks need every column in one warpgroup");
     static_assert(DQ != 3 || DQ_N == 64, "TMA dQ: two 32-column boxes per warp");
-    constexpr bool BULK_DQ = DQ != 0;
+    constexpr bool BULK_DQ = DQ >= 1 && DQ <= 3;   // staged in smem, added by the copy engine
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     unsigned char* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
     unsigned char* sK = smem;
@@ -343,6 +345,15 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
                 tma_reduce_add_3d(&tmap_dq, sw + 2048, c0 + 32, m0 + warp * 16, bh);
                 bulk_commit();
             }
+        } else if constexpr (DQ == 4) {
+            // Straight from registers, no staging: one vector reduction per column pair, so no
+            // shared-memory traffic (the staged modes write and read 2 x 4 bytes per element).
+#pragma unroll
+            for (int j = 0; j < DQ_N / 8; ++j) {
+                const int col = c0 + j * 8 + 2 * t;
+                if (r0 < I) red_add_f32x2(dqb + (long long)r0 * D + col, dq[4 * j] * scale, dq[4 * j + 1] * scale);
+                if (r1 < I) red_add_f32x2(dqb + (long long)r1 * D + col, dq[4 * j + 2] * scale, dq[4 * j + 3] * scale);
+            }
         } else if (BULK_DQ) {
             // Each warp stages its 16 rows in smem; the copy engine adds them to global memory:
             // lanes 0..15 one row each (DQ = 1), or lane 0 all 16 rows at once (DQ = 2: the rows
@@ -470,7 +481,7 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     wgmma_wait<0>();
     pin(dk);
     pin(dv);
-    if (DQ >= 2 ? lane == 0 : (BULK_DQ && lane < 16)) bulk_wait();   // smem must outlive the copy engine's reads
+    if (DQ == 2 || DQ == 3 ? lane == 0 : (BULK_DQ && lane < 16)) bulk_wait();   // smem must outlive the copy engine's reads
 
     // dkhat = scale * dK (fp32: the normalisation backward follows), dV in T.
     float* dkb = dk_out + kv_off;

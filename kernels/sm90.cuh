@@ -71,6 +71,11 @@ __device__ __forceinline__ void bulk_reduce_add_f32(float* gdst, const float* ss
     asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n"
                  :: "l"(gdst), "r"(smem_addr(ssrc)), "r"(bytes) : "memory");
 }
+// dst[0..1] += (a, b) in global memory as one vector reduction (sm_90; dst 8-byte aligned): the
+// L2 adds it, the thread does not wait.
+__device__ __forceinline__ void red_add_f32x2(float* dst, float a, float b) {
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(dst), "f"(a), "f"(b) : "memory");
+}
 __device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
 // The smem sources of this thread's bulk groups may be overwritten after this.
 __device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
