@@ -198,10 +198,11 @@ def covers_backward(dtype, d, deterministic):
 
 
 def sm90_bwd_wgs(d):
-    """Warpgroups (64 keys each) per backward CTA (measured: benchmarks/NOTES.md); d = 128 needs
-    two (its dQ splits the head dim between them), d = 256 fits one (shared memory)."""
+    """Warpgroups per backward CTA (measured: benchmarks/NOTES.md): 64 keys each, except at
+    d = 256, where two take the two column halves of the same 64 keys (one: a CTA per half);
+    d = 128 needs two (its dQ splits the head dim between them)."""
     wgs = _knob("CUPY_COSINE_ATTN_SM90_BWD_WGS", 2)
-    return wgs if d == 64 else 2 if d == 128 else 1
+    return 2 if d == 128 else wgs
 
 
 def sm90_bwd_bm(d, wgs):
@@ -215,8 +216,9 @@ def sm90_dq_mode(d, wgs, bm):
     """How dQ reaches global memory: 0 fp32 atomics, 1 bulk reduce-add per row, 2 per warp block
     of whole rows (only when a warpgroup holds every column, d = 64; else 1), 3 TMA tensor
     reduce-add of 16 x 32 boxes (the default: benchmarks/NOTES.md, v7), 4 vector reductions of
-    column pairs from registers (no staging in shared memory)."""
-    mode = _knob("CUPY_COSINE_ATTN_SM90_DQ", 3)
+    column pairs from registers (no staging in shared memory; the default at d = 64, measured
+    +2% there and -8 to -12% at d = 128, benchmarks/NOTES.md, v8)."""
+    mode = _knob("CUPY_COSINE_ATTN_SM90_DQ", 4 if d == 64 else 3)
     return 1 if mode == 2 and d != 64 else mode
 
 
@@ -242,6 +244,8 @@ def _bwd_config(d, dq, wgs, bm, use_tma, overlap):
     overlap = int(sm90_bwd_overlap(d) if overlap is None else overlap)
     if overlap == 2 and backward_stages(d, use_tma, overlap) == 2:
         overlap = 1      # what the kernel runs where overlap 2 does not apply (one name per kernel)
+    if d == 256 and wgs == 2 and dq in (1, 2, 3):
+        dq = 4           # no shared memory left to stage dQ in: vector reductions from registers
     return dq, wgs, bm, use_tma, overlap
 
 
@@ -252,18 +256,25 @@ def backward_spec(ctype, d, dq=None, wgs=None, bm=None, use_tma=None, overlap=No
                       f"{int(overlap)}>", hopper=True)
 
 
-def backward_column_splits(d):
-    """CTAs per key tile: d = 256 splits the output columns in halves (grid y; see the kernel)."""
-    return 2 if d == 256 else 1
+def backward_keys_per_cta(d, wgs):
+    """64 per warpgroup, but 64 at d = 256, whose two warpgroups split the columns instead."""
+    return 64 if d == 256 else 64 * wgs
 
 
-def backward_smem(d, wgs, bm, overlap=1, use_tma=True):
+def backward_column_splits(d, wgs=1):
+    """CTAs per key tile: d = 256 with one warpgroup splits the output columns in halves between
+    two CTAs (grid y; see the kernel)."""
+    return 2 if d == 256 and wgs == 1 else 1
+
+
+def backward_smem(d, wgs, bm, overlap=1, use_tma=True, dq=3):
     # K, V tiles; Q and dO stages; the dS^T tile; lse and delta stages (to a whole KiB); the dQ
-    # staging rows (16 rows of at most 64 + 8 floats per warp); an mbarrier per stage; 1 KiB
-    # alignment.
-    bn, stages = 64 * wgs, backward_stages(d, use_tma, overlap)
+    # staging rows of the staged modes (16 rows of at most 64 + 8 floats per warp); an mbarrier
+    # per stage; 1 KiB alignment.
+    bn, stages = backward_keys_per_cta(d, wgs), backward_stages(d, use_tma, overlap)
+    staging = 4 * wgs * 16 * 72 * 4 if dq in (1, 2, 3) else 0
     return (2 * bn * d * 2 + stages * 2 * bm * d * 2 + bn * bm * 2 + -(-2 * stages * bm * 4 // 1024) * 1024
-            + 4 * wgs * 16 * 72 * 4 + 8 * stages + 1024)
+            + staging + 8 * stages + 1024)
 
 
 def launch_backward(ctype, d, args, b, hk, j, dq=None, wgs=None, bm=None, use_tma=None,
@@ -281,11 +292,11 @@ def launch_backward(ctype, d, args, b, hk, j, dq=None, wgs=None, bm=None, use_tm
         maps[:2] = tma.rows_map(q.data.ptr, b * h, i, d, bm), tma.rows_map(dout.data.ptr, b * h, i, d, bm)
     if dq == 3:   # the fp32 dQ accumulator (b*h, i, d), added to in boxes of 16 rows x 32 columns
         maps[2] = tma.rows_map(args[8].data.ptr, b * h, i, d, 16, 32, f32=True)
-    smem = backward_smem(d, wgs, bm, overlap, use_tma)
+    smem = backward_smem(d, wgs, bm, overlap, use_tma, dq)
     if _SMEM_SET.get(id(fn), 0) < smem:
         fn.max_dynamic_shared_size_bytes = smem
         _SMEM_SET[id(fn)] = smem
-    fn((b * hk * (-(-j // (64 * wgs))), backward_column_splits(d)), (128 * wgs,),
+    fn((b * hk * (-(-j // backward_keys_per_cta(d, wgs))), backward_column_splits(d, wgs)), (128 * wgs,),
        args + tuple(maps) + (np.int32(stagger),), shared_mem=smem)
 
 
@@ -318,5 +329,5 @@ def specs():
 
 
 # (warpgroups, queries per step) the backward is built for at each head dim
-BWD_TILES = {64: ((1, 64), (2, 64), (2, 128)), 128: ((2, 64),), 256: ((1, 64),)}
+BWD_TILES = {64: ((1, 64), (2, 64), (2, 128)), 128: ((2, 64),), 256: ((1, 64), (2, 64))}
 

@@ -2,8 +2,8 @@
 // cosine_bwd.cu (dK, dV written once; dQ and broadcast-bias gradients added in fp32), on wgmma.
 // The deterministic dQ pass stays on the sm_80 kernels.
 //
-// One CTA = WGS warpgroups of 64 keys each (defaults: 2 at d = 64 and 128, 1 at d = 256; at d = 64
-// WGS = 1 fits two CTAs per SM); K and V stay in 128B-swizzled smem (sm90.cuh). The CTA walks the
+// One CTA = WGS warpgroups of 64 keys each (default 2; at d = 64 WGS = 1 fits two CTAs per SM;
+// d = 256: see below); K and V stay in 128B-swizzled smem (sm90.cuh). The CTA walks the
 // query tiles (BM rows: 128 at d = 64, else 64) of every query head of its k/v head, Q, dO, lse
 // and delta double-buffered: Q and dO by TMA from one thread (TMA; tensor maps tmap_q, tmap_do
 // over (B*H, I, D)) or cp.async by every thread, lse and delta by cp.async. Per query tile, each
@@ -24,9 +24,13 @@
 // them, was measured no faster at d = 64: benchmarks/NOTES.md.)
 //
 // d = 256: dK and dV of 64 keys over all 256 columns would take 256 registers per thread, so the
-// output columns are split in halves (blockIdx.y): each CTA computes S^T and dP^T over the whole
-// head dim (that work is done twice) and dV, dK, dQ for its 128 columns only, dQ in two 64-column
-// parts. One warpgroup of 64 keys, 64-query tiles: 220 KiB of shared memory.
+// output columns are split in halves: each half computes S^T and dP^T over the whole head dim
+// (that work is done twice) and dV, dK, dQ for its 128 columns only, dQ in two 64-column parts;
+// 64 keys, 64-query tiles. WGS = 1: a half per CTA (blockIdx.y), one warpgroup per SM (220 KiB of
+// shared memory); WGS = 2 (COL_WGS): both halves in one CTA, a warpgroup each over the same 64
+// keys, so K, V, Q and dO are loaded once for both and two warpgroups share the SM (202 KiB: dQ
+// only by vector reductions from registers, DQ = 4 or 0, for want of room to stage it). There
+// warpgroup 0 alone writes the dS^T tile (both compute the same one).
 //
 // Query tiles of BM = 128 (d = 64, two warpgroups): S^T and dP^T are m64n128 products, and each
 // warpgroup adds the dQ of its own 64 query rows over all 128 keys of the CTA, which halves the
@@ -60,19 +64,25 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
                const __grid_constant__ TmaMap tmap_q, const __grid_constant__ TmaMap tmap_do,
                const __grid_constant__ TmaMap tmap_dq, int stagger) {
     static_assert(WGS == 2 || D == 64 || D == 256, "one warpgroup per CTA only at d = 64 and 256 (dQ registers)");
-    static_assert(D != 256 || (WGS == 1 && BM == 64), "d = 256: one warpgroup, 64-query tiles (shared memory)");
+    static_assert(D != 256 || BM == 64, "d = 256: 64-query tiles (shared memory)");
     static_assert(BM == 64 || (BM == 128 && D == 64 && WGS == 2), "128-query tiles: d = 64, 2 warpgroups");
-    constexpr int BN = 64 * WGS, THREADS = 128 * WGS;
-    // Output columns of this CTA: all of them, or one half at d = 256 (blockIdx.y).
+    // COL_WGS (d = 256, two warpgroups): the warpgroups split the output columns, not the keys.
+    constexpr bool COL_WGS = D == 256 && WGS == 2;
+    static_assert(!COL_WGS || DQ == 0 || DQ == 4, "d = 256 with two warpgroups: no room to stage dQ");
+    constexpr int BN = COL_WGS ? 64 : 64 * WGS, THREADS = 128 * WGS;
+    const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+    const int kwg = COL_WGS ? 0 : wg;   // which 64 keys of the CTA this warpgroup takes
+    // Output columns of this warpgroup: all of them, or one half at d = 256 (blockIdx.y, or the
+    // warpgroup with COL_WGS).
     constexpr int DO = D == 256 ? D / 2 : D;
-    const int col_base = D == 256 ? (int)blockIdx.y * DO : 0;   // a constant 0 elsewhere
+    const int col_base = D == 256 ? (COL_WGS ? wg : (int)blockIdx.y) * DO : 0;   // a constant 0 elsewhere
     constexpr int TILE_KV = BN * D * 2, TILE_Q = BM * D * 2, TILE_DS = BN * BM * 2;
     // dQ slice of warpgroup w: SPLIT_Q (BM = 128): query rows 64w.., all keys, all columns;
     // SPLIT_D (d >= 128): DQ_PARTS slabs of 64 columns each, all keys, all queries; else its own
     // 64 keys (partial sums).
     constexpr bool SPLIT_Q = BM == 128, SPLIT_D = D >= 128;
     constexpr int DQ_N = SPLIT_D ? 64 : D, DQ_KEYS = (SPLIT_Q || SPLIT_D) ? BN : 64;
-    constexpr int DQ_PARTS = SPLIT_D ? DO / 64 / WGS : 1;
+    constexpr int DQ_PARTS = SPLIT_D ? DO / 64 / (BN / 64) : 1;
     // OVERLAP 2 (d = 128, TMA loads; elsewhere it runs as 1): dQ is issued before dK and waited
     // for with dV, so dK runs under the dQ store and under the next tile's S^T/dP^T issue; the
     // tile after next is loaded once the last tile's dK is done (after the dS^T barrier), into a
@@ -81,7 +91,7 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     constexpr bool REORDER = OVERLAP == 2 && D == 128 && TMA;
     static_assert(!REORDER || (DQ_PARTS == 1 && BM == 64), "one dQ slice per warpgroup, 64-query tiles");
     constexpr int STAGES = REORDER ? 3 : 2;
-    static_assert(!SPLIT_D || DQ_PARTS * 64 * WGS == DO, "dQ column slabs cover the CTA's columns");
+    static_assert(!SPLIT_D || DQ_PARTS * BN == DO, "dQ column slabs cover the warpgroups' columns");
     static_assert(DQ != 2 || DQ_N == D, "whole-row dQ blocks need every column in one warpgroup");
     static_assert(DQ != 3 || DQ_N == 64, "TMA dQ: two 32-column boxes per warp");
     constexpr bool BULK_DQ = DQ >= 1 && DQ <= 3;   // staged in smem, added by the copy engine
@@ -104,13 +114,12 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     constexpr int SDQ = DQ == 2 ? D : DQ == 3 ? DQ_N : DQ_N + 8;
     float* sdQ = sL + LD_FLOATS;                                     // BULK_DQ: per warp 16 x SDQ
     // TMA: full[s] completes when Q and dO of stage s have landed (phase n = the n-th fill).
-    unsigned long long* full = reinterpret_cast<unsigned long long*>(sdQ + 4 * WGS * 16 * 72);
+    unsigned long long* full = reinterpret_cast<unsigned long long*>(sdQ + (BULK_DQ ? 4 * WGS * 16 * 72 : 0));
 
     const int n_key_tiles = (J + BN - 1) / BN;
     const int n0 = (int)(blockIdx.x % n_key_tiles) * BN;
     const int bhk = blockIdx.x / n_key_tiles, bi = bhk / HK, hki = bhk % HK;
     const int group = H / HK;
-    const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;
     const long long kv_off = ((long long)bhk * J + n0) * D;
     const unsigned char* mask_b = mask ? mask + (long long)bi * J : nullptr;
@@ -168,7 +177,7 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
         const int so = (it % STAGES) * TILE_Q;
 #pragma unroll
         for (int kk = 0; kk < ((CATTN_DIAG & 8) ? 0 : D / 16); ++kk) {
-            const int a_off = (kk / 4) * BN * 128 + wg * 64 * 128 + (kk % 4) * 32;
+            const int a_off = (kk / 4) * BN * 128 + kwg * 64 * 128 + (kk % 4) * 32;
             const int b_off = so + (kk / 4) * BM * 128 + (kk % 4) * 32;
             Wgmma<BM, T>::ss(acc, sw128_desc_at<16, 1024>(a4, a_off), sw128_desc_at<16, 1024>(b4, b_off), kk > 0);
         }
@@ -184,7 +193,7 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     };
 
     // Element i of st/dpt: key row (i & 2 ? key1 : key0), query column m0 + 8(i/4) + 2t + (i&1).
-    const int key0 = n0 + wg * 64 + warp * 16 + g, key1 = key0 + 8;   // this thread's key rows
+    const int key0 = n0 + kwg * 64 + warp * 16 + g, key1 = key0 + 8;   // this thread's key rows
     auto query_col = [&](int i) { return (i / 4) * 8 + 2 * t + (i & 1); };
     // The per-row values (lse or delta, one stage) of this thread's 4 query columns in k-chunk
     // kc: 16 kc + 2t (+1) and 16 kc + 8 + 2t (+1); element u of the chunk takes entry
@@ -247,8 +256,8 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
 #pragma unroll
             for (int e = 0; e < 4; ++e) sa[kc][e] = Pack<T>::from_floats(se[2 * e], se[2 * e + 1]);
             // dS^T to smem, row = local key, column = local query: pairs of queries per store.
-            const int kl0 = wg * 64 + warp * 16 + g, qc0 = kc * 16 + 2 * t;
-            if (CATTN_DIAG & 16) continue;
+            const int kl0 = kwg * 64 + warp * 16 + g, qc0 = kc * 16 + 2 * t;
+            if ((CATTN_DIAG & 16) || (COL_WGS && wg != 0)) continue;
             *reinterpret_cast<u32*>(sdS + sw128_offset<BN>(kl0, qc0)) = sa[kc][0];
             *reinterpret_cast<u32*>(sdS + sw128_offset<BN>(kl0 + 8, qc0)) = sa[kc][1];
             *reinterpret_cast<u32*>(sdS + sw128_offset<BN>(kl0, qc0 + 8)) = sa[kc][2];
@@ -286,7 +295,7 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     };
     // dQ = dS K (queries x d; k = keys) over this warpgroup's slice (one commit group); dS^T of
     // the tile must be in smem, fenced, behind a barrier.
-    auto dq_slab = [&](int part) { return SPLIT_D ? col_base / 64 + wg * DQ_PARTS + part : 0; };
+    auto dq_slab = [&](int part) { return SPLIT_D ? col_base / 64 + kwg * DQ_PARTS + part : 0; };
     auto issue_dq = [&](float (&dq)[DQ_N / 2], int part) {
         const int key_base = (SPLIT_Q || SPLIT_D) ? 0 : wg * 64;   // first key row of the slice
         const int col_slab = dq_slab(part);                        // 64-column slab of K
@@ -486,7 +495,7 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     // dkhat = scale * dK (fp32: the normalisation backward follows), dV in T.
     float* dkb = dk_out + kv_off;
     T* dvb = dv_out + kv_off;
-    const int k0 = wg * 64 + warp * 16 + g, k1 = k0 + 8;
+    const int k0 = kwg * 64 + warp * 16 + g, k1 = k0 + 8;
 #pragma unroll
     for (int j = 0; j < DO / 8; ++j) {
         const int col = col_base + j * 8 + 2 * t;

@@ -110,6 +110,18 @@ def test_backward_without_mask_or_bias_at_every_hopper_head_dim(dtype_name, d, c
     run_case(dtype_name, d, **case)
 
 
+D256_CASES = [c for c in CASES if c.get("mask") or c.get("bias") or c.get("groups", 1) > 1 or c.get("hk") == 2]
+
+
+@pytest.mark.parametrize("dtype_name", ["float16", "bfloat16"])
+@pytest.mark.parametrize("case", D256_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+@pytest.mark.parametrize("wgs", ["2", "1"])
+def test_backward_features_at_d256_in_both_column_layouts(monkeypatch, dtype_name, case, wgs):
+    # d = 256 splits the output columns between two warpgroups of one CTA (default) or two CTAs
+    monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_BWD_WGS", wgs)
+    run_case(dtype_name, 256, **case)
+
+
 @pytest.mark.parametrize("dtype_name", ["float16", "bfloat16", "float32"])
 @pytest.mark.parametrize("d", [16, 32, 40, 64, 80, 96, 128, 192, 256])
 def test_backward_head_dims(dtype_name, d):

@@ -20,8 +20,8 @@ def test_default_variants_are_the_measured_ones():
     assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 128, 1, false, true, false, 0, false>"
     # d = 128: the warp-specialised forward (producer warpgroup, stage release)
     assert hl.forward_spec("__nv_bfloat16", 128).name == "attn_fwd_wgmma<128, __nv_bfloat16, 128, 2, false, true, true, 1, false>"
-    # dQ by TMA reduce-add; d = 128 runs overlap 2, d = 64 (128-query tiles) overlap 1
-    assert hl.backward_spec("__half", 64).name == "attn_bwd_wgmma<64, __half, 3, 2, 128, true, 1>"
+    # dQ by TMA reduce-add at d = 128 (overlap 2), vector reductions at d = 64 (128-query tiles, overlap 1)
+    assert hl.backward_spec("__half", 64).name == "attn_bwd_wgmma<64, __half, 4, 2, 128, true, 1>"
     assert hl.backward_spec("__nv_bfloat16", 128).name == "attn_bwd_wgmma<128, __nv_bfloat16, 3, 2, 64, true, 2>"
 
 
@@ -165,7 +165,9 @@ def test_every_variant_fits_in_shared_memory():
     for d in hl.SM90_HEAD_DIMS:
         for wgs, bm in hl.BWD_TILES[d]:
             for overlap in (0, 1, 2):
-                assert hl.backward_smem(d, wgs, bm, overlap) <= SMEM_PER_BLOCK, (d, wgs, bm, overlap)
+                for dq in (0, 1, 2, 3, 4):     # as the variant runs it (d = 256, two warpgroups: 4)
+                    run = hl._bwd_config(d, dq, wgs, bm, True, overlap)
+                    assert hl.backward_smem(d, wgs, bm, run[4], True, run[0]) <= SMEM_PER_BLOCK, (d, wgs, bm, overlap, dq)
 
 
 def test_one_warpgroup_defaults_leave_room_for_two_ctas_per_sm():
@@ -176,13 +178,23 @@ def test_one_warpgroup_defaults_leave_room_for_two_ctas_per_sm():
                 assert 2 * (hl.forward_smem(d, hl.sm90_bn(d, j, causal), 1) + 1024) <= 228 * 1024
 
 
-def test_d256_runs_the_hopper_kernels_with_the_backward_split_in_column_halves():
+def test_d256_runs_the_hopper_kernels_with_the_backward_split_in_column_halves(monkeypatch):
     assert 256 in hl.SM90_HEAD_DIMS
     assert hl.forward_spec("__half", 256).name == "attn_fwd_wgmma<256, __half, 64, 2, false, true, false, 0, false>"
     assert hl.forward_smem(256, 64, 2) <= SMEM_PER_BLOCK
+    # two warpgroups, a column half each, dQ by vector reductions (no room to stage it)
+    assert hl.backward_spec("__half", 256).name == "attn_bwd_wgmma<256, __half, 4, 2, 64, true, 1>"
+    assert hl.backward_smem(256, 2, 64, dq=4) <= SMEM_PER_BLOCK < hl.backward_smem(256, 2, 64, dq=3)
+    assert hl.backward_keys_per_cta(256, 2) == 64 and hl.backward_keys_per_cta(128, 2) == 128
+    monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_DQ", "0")
+    assert hl.backward_spec("__half", 256).name == "attn_bwd_wgmma<256, __half, 0, 2, 64, true, 1>"
+    monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_BWD_WGS", "1")   # a CTA per column half
+    monkeypatch.delenv("CUPY_COSINE_ATTN_SM90_DQ")
     assert hl.backward_spec("__half", 256).name == "attn_bwd_wgmma<256, __half, 3, 1, 64, true, 1>"
     assert hl.backward_smem(256, 1, 64) <= SMEM_PER_BLOCK
-    assert hl.backward_column_splits(256) == 2 and hl.backward_column_splits(128) == 1
+    monkeypatch.delenv("CUPY_COSINE_ATTN_SM90_BWD_WGS")
+    assert hl.backward_column_splits(256, 1) == 2 and hl.backward_column_splits(256, 2) == 1
+    assert hl.backward_column_splits(128, 2) == 1
     assert [s.name for s in hl.default_specs("__half", 256)] == [
         hl.forward_spec("__half", 256).name, hl.forward_spec("__half", 256, bias_mask=True).name,
         hl.backward_spec("__half", 256).name]
@@ -202,9 +214,12 @@ def test_backward_grid_has_a_column_split_axis_at_d256(monkeypatch):
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_DQ", "1")
     for d in (128, 256):
         hl.launch_backward("__half", d, (None,) * 25, 2, 3, 130)
+    hl.launch_backward("__half", 256, (None,) * 25, 2, 3, 130, wgs=1)
     assert launches[0][:2] == ((2 * 3 * 2, 1), (256,))      # 128 keys per CTA, two warpgroups
-    assert launches[1][:2] == ((2 * 3 * 3, 2), (128,))      # 64 keys per CTA, two column halves
-    assert launches[1][2] == hl.backward_smem(256, 1, 64)
+    assert launches[1][:2] == ((2 * 3 * 3, 1), (256,))      # 64 keys per CTA, a warpgroup per column half
+    assert launches[1][2] == hl.backward_smem(256, 2, 64, dq=4)
+    assert launches[2][:2] == ((2 * 3 * 3, 2), (128,))      # 64 keys per CTA, two column halves
+    assert launches[2][2] == hl.backward_smem(256, 1, 64, dq=1)
 
 
 def test_knobs_that_overflow_shared_memory_are_refused_before_compiling(monkeypatch):
