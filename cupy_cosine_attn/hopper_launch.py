@@ -224,9 +224,11 @@ def sm90_dq_mode(d, wgs, bm):
 
 def sm90_bwd_overlap(d):
     """1: backward tiles commit S^T, dP^T and dV separately, so the exponentials run under dP^T
-    and dS^T under dV (0: S^T and dP^T are waited for together); 2: also dQ is issued before dK
-    and dK left running into the next tile, whose loads move one tile earlier into a third
-    stage (d = 128 with TMA loads; elsewhere it runs as 1)."""
+    and dS^T under dV (0: S^T and dP^T are waited for together); 2: at d = 128 with TMA loads,
+    also dQ is issued before dK and dK left running into the next tile, whose loads move one
+    tile earlier into a third stage; at d = 256 with two warpgroups, S^T and dP^T are split
+    between the warpgroups instead of both computing both (kernel: ROLE); elsewhere it runs
+    as 1."""
     return _knob("CUPY_COSINE_ATTN_SM90_BWD_OVERLAP", 2)
 
 
@@ -236,13 +238,19 @@ def backward_stages(d, use_tma, overlap):
     return 3 if overlap == 2 and d == 128 and use_tma else 2
 
 
+def _role_split(d, wgs, overlap):
+    """d = 256, two warpgroups, overlap 2: S^T / P^T in one warpgroup, dP^T / dS^T in the other,
+    P^T handed over in shared memory (the kernel's ROLE)."""
+    return d == 256 and wgs == 2 and overlap == 2
+
+
 def _bwd_config(d, dq, wgs, bm, use_tma, overlap):
     wgs = sm90_bwd_wgs(d) if wgs is None else wgs
     bm = sm90_bwd_bm(d, wgs) if bm is None else bm
     dq = sm90_dq_mode(d, wgs, bm) if dq is None else dq
     use_tma = sm90_tma(d) if use_tma is None else use_tma
     overlap = int(sm90_bwd_overlap(d) if overlap is None else overlap)
-    if overlap == 2 and backward_stages(d, use_tma, overlap) == 2:
+    if overlap == 2 and not _role_split(d, wgs, overlap) and backward_stages(d, use_tma, overlap) == 2:
         overlap = 1      # what the kernel runs where overlap 2 does not apply (one name per kernel)
     if d == 256 and wgs == 2 and dq in (1, 2, 3):
         dq = 4           # no shared memory left to stage dQ in: vector reductions from registers
@@ -268,12 +276,13 @@ def backward_column_splits(d, wgs=1):
 
 
 def backward_smem(d, wgs, bm, overlap=1, use_tma=True, dq=3):
-    # K, V tiles; Q and dO stages; the dS^T tile; lse and delta stages (to a whole KiB); the dQ
-    # staging rows of the staged modes (16 rows of at most 64 + 8 floats per warp); an mbarrier
-    # per stage; 1 KiB alignment.
+    # K, V tiles; Q and dO stages; the dS^T tile (and the fp32 P^T tile of ROLE); lse and delta
+    # stages (to a whole KiB); the dQ staging rows of the staged modes (16 rows of at most 64 + 8
+    # floats per warp); an mbarrier per stage; 1 KiB alignment.
     bn, stages = backward_keys_per_cta(d, wgs), backward_stages(d, use_tma, overlap)
     staging = 4 * wgs * 16 * 72 * 4 if dq in (1, 2, 3) else 0
-    return (2 * bn * d * 2 + stages * 2 * bm * d * 2 + bn * bm * 2 + -(-2 * stages * bm * 4 // 1024) * 1024
+    p_tile = bn * bm * 4 if _role_split(d, wgs, overlap) else 0    # P^T handed between warpgroups
+    return (2 * bn * d * 2 + stages * 2 * bm * d * 2 + bn * bm * 2 + p_tile + -(-2 * stages * bm * 4 // 1024) * 1024
             + staging + 8 * stages + 1024)
 
 

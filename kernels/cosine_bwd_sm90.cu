@@ -28,9 +28,14 @@
 // (that work is done twice) and dV, dK, dQ for its 128 columns only, dQ in two 64-column parts;
 // 64 keys, 64-query tiles. WGS = 1: a half per CTA (blockIdx.y), one warpgroup per SM (220 KiB of
 // shared memory); WGS = 2 (COL_WGS): both halves in one CTA, a warpgroup each over the same 64
-// keys, so K, V, Q and dO are loaded once for both and two warpgroups share the SM (202 KiB: dQ
-// only by vector reductions from registers, DQ = 4 or 0, for want of room to stage it). There
-// warpgroup 0 alone writes the dS^T tile (both compute the same one).
+// keys, so K, V, Q and dO are loaded once for both and two warpgroups share the SM (dQ only by
+// vector reductions from registers, DQ = 4 or 0, for want of room to stage it). OVERLAP 2 there
+// (ROLE, 218 KiB) splits S^T and dP^T between the warpgroups instead of computing both twice:
+// warpgroup 0 computes S^T and P^T and hands P^T (fp32, in fragment order) to warpgroup 1
+// through shared memory and a named barrier; warpgroup 1 computes dP^T, then dS^T into the smem
+// tile; each adds its dV half with P^T from registers, warpgroup 1 its dK half with dS^T from
+// registers, warpgroup 0 after the dS^T barrier with dS^T from the smem tile. Otherwise (202 KiB)
+// both compute S^T, dP^T and dS^T, and warpgroup 0 alone writes the dS^T tile.
 //
 // Query tiles of BM = 128 (d = 64, two warpgroups): S^T and dP^T are m64n128 products, and each
 // warpgroup adds the dQ of its own 64 query rows over all 128 keys of the CTA, which halves the
@@ -70,7 +75,11 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     constexpr bool COL_WGS = D == 256 && WGS == 2;
     static_assert(!COL_WGS || DQ == 0 || DQ == 4, "d = 256 with two warpgroups: no room to stage dQ");
     constexpr int BN = COL_WGS ? 64 : 64 * WGS, THREADS = 128 * WGS;
-    const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+    constexpr bool ROLE = COL_WGS && OVERLAP == 2;
+    // ROLE branches on the warpgroup around wgmmas: a warp-uniform value (shuffled from lane 0)
+    // lets ptxas see that no warp diverges there; else it serialises every wgmma (C7520).
+    const int wg = ROLE ? __shfl_sync(0xffffffffu, threadIdx.x / 128, 0) : threadIdx.x / 128;
+    const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
     const int kwg = COL_WGS ? 0 : wg;   // which 64 keys of the CTA this warpgroup takes
     // Output columns of this warpgroup: all of them, or one half at d = 256 (blockIdx.y, or the
     // warpgroup with COL_WGS).
@@ -83,7 +92,8 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     constexpr bool SPLIT_Q = BM == 128, SPLIT_D = D >= 128;
     constexpr int DQ_N = SPLIT_D ? 64 : D, DQ_KEYS = (SPLIT_Q || SPLIT_D) ? BN : 64;
     constexpr int DQ_PARTS = SPLIT_D ? DO / 64 / (BN / 64) : 1;
-    // OVERLAP 2 (d = 128, TMA loads; elsewhere it runs as 1): dQ is issued before dK and waited
+    // OVERLAP 2 (d = 128, TMA loads; d = 256 with two warpgroups: ROLE, below; elsewhere it runs
+    // as 1): at d = 128 dQ is issued before dK and waited
     // for with dV, so dK runs under the dQ store and under the next tile's S^T/dP^T issue; the
     // tile after next is loaded once the last tile's dK is done (after the dS^T barrier), into a
     // third stage. (At d = 64 with 128-query tiles the registers of both tiles do not fit: ptxas
@@ -91,6 +101,11 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     constexpr bool REORDER = OVERLAP == 2 && D == 128 && TMA;
     static_assert(!REORDER || (DQ_PARTS == 1 && BM == 64), "one dQ slice per warpgroup, 64-query tiles");
     constexpr int STAGES = REORDER ? 3 : 2;
+    // The warpgroup that writes the dS^T tile and the bias gradient when both column halves
+    // compute dS^T (COL_WGS: warpgroup 0, or the one that alone computes it, 1; one CTA per half:
+    // each writes its own tile, the first half the bias gradient).
+    const bool writes_ds = !COL_WGS || wg == (ROLE ? 1 : 0);
+    const bool writes_dbias = COL_WGS ? writes_ds : col_base == 0;
     static_assert(!SPLIT_D || DQ_PARTS * BN == DO, "dQ column slabs cover the warpgroups' columns");
     static_assert(DQ != 2 || DQ_N == D, "whole-row dQ blocks need every column in one warpgroup");
     static_assert(DQ != 3 || DQ_N == 64, "TMA dQ: two 32-column boxes per warp");
@@ -102,7 +117,8 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     unsigned char* sQ = sV + TILE_KV;               // STAGES tiles
     unsigned char* sO = sQ + STAGES * TILE_Q;       // dO, STAGES tiles
     unsigned char* sdS = sO + STAGES * TILE_Q;      // dS^T: keys x queries, sw128
-    float* sL = reinterpret_cast<float*>(sdS + TILE_DS);             // STAGES x BM: lse
+    float* sP = reinterpret_cast<float*>(sdS + TILE_DS);             // ROLE: P^T, fp32
+    float* sL = sP + (ROLE ? BN * BM : 0);                           // STAGES x BM: lse
     float* sDl = sL + STAGES * BM;                                   // STAGES x BM: delta
     constexpr int LD_FLOATS = (2 * STAGES * BM + 255) / 256 * 256;   // lse + delta, to 1 KiB
     // Shared addresses >> 4 of the wgmma operand tiles, for their descriptors (sw128_desc_at).
@@ -233,8 +249,8 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
         }
     };
     // dS^T = P^T (dP^T - delta) of tile `it` (P^T in st) as A fragments sa and into its smem
-    // tile; the bias gradient (HAS_BIAS, a literal) once per (query, key): by the first column
-    // half at d = 256.
+    // tile; the bias gradient (HAS_BIAS, a literal) once per (query, key): by one column half
+    // at d = 256 (writes_dbias).
     auto to_ds_as = [&](const bool HAS_BIAS, const float (&st)[BM / 2], const float (&dpt)[BM / 2],
                         int it, u32 (&sa)[BM / 16][4]) {
         const int hq = head_of(it), m0 = row0_of(it);
@@ -249,7 +265,7 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
                 const int i = 8 * kc + u;
                 se[u] = st[i] * (dpt[i] - dl[(u >= 4 ? 2 : 0) + (u & 1)]);
                 if (HAS_BIAS) {
-                    if (st[i] != 0.f && col_base == 0)
+                    if (st[i] != 0.f && writes_dbias)
                         bgrad.put(bi, hq, m0 + query_col(i), (i & 2) ? key1 : key0, se[u]);
                 }
             }
@@ -257,7 +273,7 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
             for (int e = 0; e < 4; ++e) sa[kc][e] = Pack<T>::from_floats(se[2 * e], se[2 * e + 1]);
             // dS^T to smem, row = local key, column = local query: pairs of queries per store.
             const int kl0 = kwg * 64 + warp * 16 + g, qc0 = kc * 16 + 2 * t;
-            if ((CATTN_DIAG & 16) || (COL_WGS && wg != 0)) continue;
+            if ((CATTN_DIAG & 16) || !writes_ds) continue;
             *reinterpret_cast<u32*>(sdS + sw128_offset<BN>(kl0, qc0)) = sa[kc][0];
             *reinterpret_cast<u32*>(sdS + sw128_offset<BN>(kl0 + 8, qc0)) = sa[kc][1];
             *reinterpret_cast<u32*>(sdS + sw128_offset<BN>(kl0, qc0 + 8)) = sa[kc][2];
@@ -323,6 +339,60 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
         wgmma_wait<1>();
         pin(dpt);
         to_ds(st, dpt, it, sa);
+    };
+
+    // ROLE: S^T / P^T in warpgroup 0, dP^T / dS^T in warpgroup 1 (see the top), then the dV halves
+    // and warpgroup 1's dK half issued; warpgroup 0's dK half follows the dS^T barrier
+    // (issue_dk_from_smem).
+    auto role_tile = [&](float (&st)[BM / 2], float (&dpt)[BM / 2], int it, u32 (&pa)[BM / 16][4],
+                         u32 (&sa)[BM / 16][4]) {
+        float4* p4 = reinterpret_cast<float4*>(sP) + threadIdx.x % 128;   // conflict-free: by thread
+        wgmma_fence();
+        if (wg == 0) {
+            issue_product(st, k4, q4, it);
+            wgmma_commit();
+            wgmma_wait<0>();
+            pin(st);
+            to_p(st, it, pa);
+#pragma unroll
+            for (int c = 0; c < BM / 8; ++c) p4[c * 128] = make_float4(st[4 * c], st[4 * c + 1], st[4 * c + 2], st[4 * c + 3]);
+            named_barrier_arrive(1, THREADS);   // P^T is in smem
+            wgmma_fence();
+            issue_grad(dv, pa, o4, it);
+            wgmma_commit();
+        } else {
+            issue_product(dpt, v4, o4, it);
+            wgmma_commit();
+            wgmma_wait<0>();
+            pin(dpt);
+            named_barrier_sync(1, THREADS);
+#pragma unroll
+            for (int c = 0; c < BM / 8; ++c) {
+                const float4 p = p4[c * 128];
+                st[4 * c] = p.x;
+                st[4 * c + 1] = p.y;
+                st[4 * c + 2] = p.z;
+                st[4 * c + 3] = p.w;
+            }
+#pragma unroll
+            for (int kc = 0; kc < BM / 16; ++kc)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) pa[kc][e] = Pack<T>::from_floats(st[8 * kc + 2 * e], st[8 * kc + 2 * e + 1]);
+            to_ds(st, dpt, it, sa);
+            wgmma_fence();
+            issue_grad(dv, pa, o4, it);
+            issue_grad(dk, sa, q4, it);
+            wgmma_commit();
+        }
+    };
+    auto issue_dk_from_smem = [&](int it) {
+        const int so = (it % STAGES) * TILE_Q + (col_base / 64) * BM * 128;   // first column slab
+        wgmma_fence();
+#pragma unroll
+        for (int kc = 0; kc < BM / 16; ++kc)
+            Wgmma<DO, T>::template ss<0, 1>(dk, sw128_desc_at<16, 1024>(ds4, kc * 32),
+                                            sw128_desc_at<BM * 128, 1024>(q4, so + kc * 16 * 128), 1);
+        wgmma_commit();
     };
 
     // dQ of tile `it` (complete in registers): rows m0 + q0 + 16 warp + g (+8), columns
@@ -453,14 +523,17 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
         cp_async_commit();
         float st[BM / 2], dpt[BM / 2];
         if constexpr (TMA) mbar_wait(full + it % STAGES, (it / STAGES) & 1);
-        issue_sdp(st, dpt, it);
         u32 pa[BM / 16][4], sa[BM / 16][4];
-        if constexpr (OVERLAP) {
+        if constexpr (ROLE) {
+            role_tile(st, dpt, it, pa, sa);
+        } else if constexpr (OVERLAP) {
+            issue_sdp(st, dpt, it);
             p_then_ds(st, dpt, it, pa, sa);
             wgmma_fence();
             issue_grad(dk, sa, q4, it);
             wgmma_commit();
         } else {
+            issue_sdp(st, dpt, it);
             wgmma_wait<0>();
             pin(st);
             pin(dpt);
@@ -473,6 +546,7 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
         }
         fence_async_smem();
         __syncthreads();    // all of dS^T is in smem
+        if (ROLE && wg == 0) issue_dk_from_smem(it);
 #pragma unroll
         for (int part = 0; part < DQ_PARTS; ++part) {
             float dq[DQ_N / 2];

@@ -110,15 +110,21 @@ def test_backward_without_mask_or_bias_at_every_hopper_head_dim(dtype_name, d, c
     run_case(dtype_name, d, **case)
 
 
-D256_CASES = [c for c in CASES if c.get("mask") or c.get("bias") or c.get("groups", 1) > 1 or c.get("hk") == 2]
+D256_CASES = [dict(i=150, j=150, causal=True, mask=True), dict(i=64, j=100, bias="full", mask=True),
+              dict(i=90, j=130, hk=2, causal=True, bias="heads"), dict(i=129, j=129, groups=8, scale=16.0),
+              dict(i=300, j=700, causal=True, hk=2)]
+D256_LAYOUTS = {"split-roles": {}, "both-compute-sdp": {"CUPY_COSINE_ATTN_SM90_BWD_OVERLAP": "1"},
+                "cta-per-half": {"CUPY_COSINE_ATTN_SM90_BWD_WGS": "1"}}
 
 
 @pytest.mark.parametrize("dtype_name", ["float16", "bfloat16"])
 @pytest.mark.parametrize("case", D256_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
-@pytest.mark.parametrize("wgs", ["2", "1"])
-def test_backward_features_at_d256_in_both_column_layouts(monkeypatch, dtype_name, case, wgs):
-    # d = 256 splits the output columns between two warpgroups of one CTA (default) or two CTAs
-    monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_BWD_WGS", wgs)
+@pytest.mark.parametrize("layout", list(D256_LAYOUTS))
+def test_backward_features_at_d256_in_every_column_layout(monkeypatch, dtype_name, case, layout):
+    # d = 256 splits the output columns between two warpgroups of one CTA, which split S^T and
+    # dP^T between them (default) or both compute both; or between two CTAs of one warpgroup
+    for name, value in D256_LAYOUTS[layout].items():
+        monkeypatch.setenv(name, value)
     run_case(dtype_name, 256, **case)
 
 

@@ -46,7 +46,10 @@ def test_backward_overlap_2_takes_a_third_stage_only_where_it_applies():
     assert hl.backward_stages(64, True, 2) == hl.backward_stages(256, True, 2) == 2
     assert hl.backward_smem(128, 2, 64, 2) == hl.backward_smem(128, 2, 64, 1) + 2 * 64 * 128 * 2 + 1024 + 8
     # where it does not apply the spec names what runs: overlap 1
-    assert hl.backward_spec("__half", 256, overlap=2) == hl.backward_spec("__half", 256, overlap=1)
+    assert hl.backward_spec("__half", 256, wgs=1, overlap=2) == hl.backward_spec("__half", 256, wgs=1, overlap=1)
+    # d = 256 with two warpgroups: overlap 2 splits S^T and dP^T between them (a P^T tile more)
+    assert hl.backward_spec("__half", 256, overlap=2).name.endswith(", true, 2>")
+    assert hl.backward_smem(256, 2, 64, 2, True, 4) == hl.backward_smem(256, 2, 64, 1, True, 4) + 64 * 64 * 4
     assert hl.backward_spec("__half", 64, overlap=2).name.endswith(", 1>")
     assert hl.backward_spec("__half", 64, wgs=1, bm=64, overlap=2).name.endswith(", 1>")
     assert hl.backward_spec("__half", 128, use_tma=False, overlap=2).name.endswith(", false, 1>")
@@ -182,12 +185,13 @@ def test_d256_runs_the_hopper_kernels_with_the_backward_split_in_column_halves(m
     assert 256 in hl.SM90_HEAD_DIMS
     assert hl.forward_spec("__half", 256).name == "attn_fwd_wgmma<256, __half, 64, 2, false, true, false, 0, false>"
     assert hl.forward_smem(256, 64, 2) <= SMEM_PER_BLOCK
-    # two warpgroups, a column half each, dQ by vector reductions (no room to stage it)
-    assert hl.backward_spec("__half", 256).name == "attn_bwd_wgmma<256, __half, 4, 2, 64, true, 1>"
+    # two warpgroups, a column half each, S^T and dP^T split between them (overlap 2), dQ by
+    # vector reductions (no room to stage it)
+    assert hl.backward_spec("__half", 256).name == "attn_bwd_wgmma<256, __half, 4, 2, 64, true, 2>"
     assert hl.backward_smem(256, 2, 64, dq=4) <= SMEM_PER_BLOCK < hl.backward_smem(256, 2, 64, dq=3)
     assert hl.backward_keys_per_cta(256, 2) == 64 and hl.backward_keys_per_cta(128, 2) == 128
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_DQ", "0")
-    assert hl.backward_spec("__half", 256).name == "attn_bwd_wgmma<256, __half, 0, 2, 64, true, 1>"
+    assert hl.backward_spec("__half", 256).name == "attn_bwd_wgmma<256, __half, 0, 2, 64, true, 2>"
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_BWD_WGS", "1")   # a CTA per column half
     monkeypatch.delenv("CUPY_COSINE_ATTN_SM90_DQ")
     assert hl.backward_spec("__half", 256).name == "attn_bwd_wgmma<256, __half, 3, 1, 64, true, 1>"
@@ -217,7 +221,7 @@ def test_backward_grid_has_a_column_split_axis_at_d256(monkeypatch):
     hl.launch_backward("__half", 256, (None,) * 25, 2, 3, 130, wgs=1)
     assert launches[0][:2] == ((2 * 3 * 2, 1), (256,))      # 128 keys per CTA, two warpgroups
     assert launches[1][:2] == ((2 * 3 * 3, 1), (256,))      # 64 keys per CTA, a warpgroup per column half
-    assert launches[1][2] == hl.backward_smem(256, 2, 64, dq=4)
+    assert launches[1][2] == hl.backward_smem(256, 2, 64, overlap=2, dq=4)
     assert launches[2][:2] == ((2 * 3 * 3, 2), (128,))      # 64 keys per CTA, two column halves
     assert launches[2][2] == hl.backward_smem(256, 1, 64, dq=1)
 
