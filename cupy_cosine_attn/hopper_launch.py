@@ -124,8 +124,9 @@ def sm90_stagger():
     """1: without a causal mask, the CTAs of one head start their walk over the key tiles
     (forward) or query tiles (backward) at different tiles, wrapping round, so they do not all
     read the same tile, or add into the same dQ rows, at the same time; 0: all start at tile 0.
-    A launch argument, not a template parameter: both values run the same kernel."""
-    return _knob("CUPY_COSINE_ATTN_SM90_STAGGER", 1)
+    A launch argument, not a template parameter: both values run the same kernel. Off by default:
+    measured no faster (d = 128 about 2% slower, benchmarks/NOTES.md, v8)."""
+    return _knob("CUPY_COSINE_ATTN_SM90_STAGGER", 0)
 
 
 def _cpp_bool(flag):
