@@ -81,7 +81,7 @@ def probe_specs(args, dims, bns, wgss, qregs, tmas, releases):
                                 for qr in qregs for mode in (1, 2)}
             if not args.fwd_only:
                 out |= {hopper_launch.backward_spec(ct, d, overlap=ov) for ov in (0, 1, 2)}
-                out |= {hopper_launch.backward_spec(ct, d, dq=m) for m in ((0, 1, 2, 3) if d == 64 else (0, 1, 3))}
+                out |= {hopper_launch.backward_spec(ct, d, dq=m) for m in ((0, 1, 2, 3, 4) if d == 64 else (0, 1, 3, 4))}
                 out.add(hopper_launch.backward_spec(ct, d, use_tma=False))
                 if d == 64:
                     out.add(hopper_launch.backward_spec(ct, d, wgs=1, bm=64))
@@ -366,7 +366,7 @@ def speed(dtype, d, bns, ns, results, bwd_only=False, wgss=(1, 2), qregs=(False,
                 row["bwd_sm90"] = bflops / timeit(lambda: run_bwd("sm90", dtype, q, k, v, dout, lse, delta, None, None, causal, 8.0), 5) / 1e12
                 for other in {0, 1, 2} - {hopper_launch.sm90_bwd_overlap(d)}:
                     row[f"bwd_sm90_overlap{other}"] = bflops / timeit(lambda: run_bwd("sm90", dtype, q, k, v, dout, lse, delta, None, None, causal, 8.0, overlap=other), 5) / 1e12
-                for m in (0, 1, 2, 3):
+                for m in (0, 1, 2, 3, 4):
                     if m != hopper_launch.sm90_dq_mode(d, hopper_launch.sm90_bwd_wgs(d), 128) and (m != 2 or d == 64):
                         row[f"bwd_sm90_dq{m}"] = bflops / timeit(lambda: run_bwd("sm90", dtype, q, k, v, dout, lse, delta, None, None, causal, 8.0, dqm=m), 5) / 1e12
                 results.append(row)
