@@ -367,7 +367,7 @@ def speed(dtype, d, bns, ns, results, bwd_only=False, wgss=(1, 2), qregs=(False,
                 for other in {0, 1, 2} - {hopper_launch.sm90_bwd_overlap(d)}:
                     row[f"bwd_sm90_overlap{other}"] = bflops / timeit(lambda: run_bwd("sm90", dtype, q, k, v, dout, lse, delta, None, None, causal, 8.0, overlap=other), 5) / 1e12
                 for m in (0, 1, 2, 3, 4):
-                    if m != hopper_launch.sm90_dq_mode(d, hopper_launch.sm90_bwd_wgs(d), 128) and (m != 2 or d == 64):
+                    if hopper_launch.backward_spec("__half", d, dq=m) != hopper_launch.backward_spec("__half", d) and (m != 2 or d == 64):
                         row[f"bwd_sm90_dq{m}"] = bflops / timeit(lambda: run_bwd("sm90", dtype, q, k, v, dout, lse, delta, None, None, causal, 8.0, dqm=m), 5) / 1e12
                 results.append(row)
                 log("  " + " ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
