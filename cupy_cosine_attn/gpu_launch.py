@@ -628,6 +628,7 @@ def kernel_specs(dtype, d):
     specs = [KernelSpec("prep.cu", f"{fn}<{ct}>")
              for fn in ("l2norm_rows", "l2norm_backward", "scale_cast", "cast_to_float", "row_dot",
                         "l2norm_rows_v8", "l2norm_backward_v8", "row_dot_v8")]
+    specs.append(KernelSpec("prep.cu", "pack_row_stats"))   # the Hopper backward's row statistics
     for flag in ("false", "true"):
         if dtype == "float32":
             specs.append(KernelSpec("cosine_fwd.cu", f"attn_fwd_simt<{dp}, {flag}>"))

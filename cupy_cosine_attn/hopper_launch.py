@@ -277,8 +277,8 @@ def backward_column_splits(d, wgs=1):
 
 
 def backward_smem(d, wgs, bm, overlap=1, use_tma=True, dq=3):
-    # K, V tiles; Q and dO stages; the dS^T tile (and the fp32 P^T tile of ROLE); lse and delta
-    # stages (to a whole KiB); the dQ staging rows of the staged modes (16 rows of at most 64 + 8
+    # K, V tiles; Q and dO stages; the dS^T tile (and the fp32 P^T tile of ROLE); row statistics
+    # stages (lse and delta, to a whole KiB); the dQ staging rows of the staged modes (16 rows of at most 64 + 8
     # floats per warp); an mbarrier per stage; 1 KiB alignment.
     bn, stages = backward_keys_per_cta(d, wgs), backward_stages(d, use_tma, overlap)
     staging = 4 * wgs * 16 * 72 * 4 if dq in (1, 2, 3) else 0
@@ -287,16 +287,31 @@ def backward_smem(d, wgs, bm, overlap=1, use_tma=True, dq=3):
             + staging + 8 * stages + 1024)
 
 
+def pack_row_stats(lse, delta, heads, i, bm):
+    """The backward's row statistics (prep.cu's pack_row_stats): float32 (heads, tiles, 2, bm),
+    per tile of bm query rows its lse·log2(e) and delta, padded past row i."""
+    from .gpu_launch import workspace
+    tiles = -(-i // bm)
+    stats = workspace().empty((heads, tiles, 2, bm), np.float32)
+    rows = stats.size // 2
+    if rows:
+        fn = get_function(KernelSpec("prep.cu", "pack_row_stats"))
+        fn((min(65535, -(-rows // 256)),), (256,),
+           (lse, delta, stats, np.int64(heads), np.int32(i), np.int32(tiles), np.int32(bm)))
+    return stats
+
+
 def launch_backward(ctype, d, args, b, hk, j, dq=None, wgs=None, bm=None, use_tma=None,
                     overlap=None):
-    """Launch the Hopper backward with attn_bwd_kv_mma's argument tuple (atomic dQ), plus the Q
-    and dO tensor maps it makes when the variant loads by TMA."""
+    """Launch the Hopper backward with attn_bwd_kv_mma's argument tuple (atomic dQ): its lse and
+    delta go in as one padded row-statistics array (pack_row_stats), and the Q and dO tensor maps
+    are added when the variant loads by TMA."""
     stagger = sm90_stagger()
     dq, wgs, bm, use_tma, overlap = _bwd_config(d, dq, wgs, bm, use_tma, overlap)
     fn = get_function(backward_spec(ctype, d, dq, wgs, bm, use_tma, overlap))
     maps = [tma.ZERO_MAP] * 3
-    if use_tma or dq == 3:
-        h, i = int(args[17]), int(args[19])
+    h, i = int(args[17]), int(args[19])
+    stats = pack_row_stats(args[4], args[5], b * h, i, bm)
     if use_tma:
         q, dout = args[0], args[3]
         maps[:2] = tma.rows_map(q.data.ptr, b * h, i, d, bm), tma.rows_map(dout.data.ptr, b * h, i, d, bm)
@@ -307,7 +322,7 @@ def launch_backward(ctype, d, args, b, hk, j, dq=None, wgs=None, bm=None, use_tm
         fn.max_dynamic_shared_size_bytes = smem
         _SMEM_SET[id(fn)] = smem
     fn((b * hk * (-(-j // backward_keys_per_cta(d, wgs))), backward_column_splits(d, wgs)), (128 * wgs,),
-       args + tuple(maps) + (np.int32(stagger),), shared_mem=smem)
+       args[:4] + (stats,) + args[6:] + tuple(maps) + (np.int32(stagger),), shared_mem=smem)
 
 
 def default_specs(ctype, d):

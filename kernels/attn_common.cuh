@@ -68,11 +68,6 @@ __device__ __forceinline__ void store_lse(float* lse_bh, int row, int I, float l
     if (row < I) lse_bh[row] = l > 0.f ? (base2 + log2f(l)) * LN2 : -INFINITY;
 }
 
-// Backward: lse in log2 units; -inf (a row that saw no key) -> +inf so that exp2(x - lse2) = 0.
-__device__ __forceinline__ float lse_log2(float lse) {
-    return lse == -INFINITY ? INFINITY : lse * LOG2E;
-}
-
 // Bias gradient sink: dS goes to `direct_p` (type T, written once per element) when set, else is
 // atomically added to the fp32 buffer `acc_p` (broadcast bias dims).
 template <typename T>

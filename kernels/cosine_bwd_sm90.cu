@@ -4,10 +4,12 @@
 //
 // One CTA = WGS warpgroups of 64 keys each (default 2; at d = 64 WGS = 1 fits two CTAs per SM;
 // d = 256: see below); K and V stay in 128B-swizzled smem (sm90.cuh). The CTA walks the
-// query tiles (BM rows: 128 at d = 64, else 64) of every query head of its k/v head, Q, dO, lse
-// and delta double-buffered: Q and dO by TMA from one thread (TMA; tensor maps tmap_q, tmap_do
-// over (B*H, I, D)) or cp.async by every thread, lse and delta by cp.async. Per query tile, each
-// warpgroup:
+// query tiles (BM rows: 128 at d = 64, else 64) of every query head of its k/v head, Q, dO and
+// the tile's row statistics double-buffered: by TMA from one thread (TMA; tensor maps tmap_q,
+// tmap_do over (B*H, I, D), the statistics by a bulk copy) or by cp.async from every thread.
+// Row statistics (`stats`, written by prep.cu's pack_row_stats): per (batch·head, query tile),
+// BM values of lse·log2(e) then BM of delta, the rows past I padded with +inf (P = 0 there) and
+// 0, so each tile's are one aligned 2·BM·4-byte block. Per query tile, each warpgroup:
 //   S^T = K Q^T, dP^T = V dO^T                      (issue_sdp: wgmma, operands K-major in smem)
 //   P^T = exp2(S^T c + bias - lse)                  (to_p: registers)
 //   dS^T = P^T (dP^T - delta)                       (to_ds: registers; dS^T -> smem)
@@ -60,8 +62,7 @@ using namespace cattn;
 template <int D, typename T, int DQ, int WGS, int BM, bool TMA, int OVERLAP>
 __global__ void __launch_bounds__(128 * WGS, WGS == 1 ? 2 : 1)
 attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-               const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
-               const T* __restrict__ bias, const unsigned char* __restrict__ mask,
+               const T* __restrict__ dout, const float* __restrict__ stats, const T* __restrict__ bias, const unsigned char* __restrict__ mask,
                float* __restrict__ dq_acc, float* __restrict__ dk_out, T* __restrict__ dv_out,
                T* __restrict__ dbias, float* __restrict__ dbias_acc,
                long long bias_sb, long long bias_sh, long long bias_si,
@@ -118,9 +119,8 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     unsigned char* sO = sQ + STAGES * TILE_Q;       // dO, STAGES tiles
     unsigned char* sdS = sO + STAGES * TILE_Q;      // dS^T: keys x queries, sw128
     float* sP = reinterpret_cast<float*>(sdS + TILE_DS);             // ROLE: P^T, fp32
-    float* sL = sP + (ROLE ? BN * BM : 0);                           // STAGES x BM: lse
-    float* sDl = sL + STAGES * BM;                                   // STAGES x BM: delta
-    constexpr int LD_FLOATS = (2 * STAGES * BM + 255) / 256 * 256;   // lse + delta, to 1 KiB
+    float* sLD = sP + (ROLE ? BN * BM : 0);                          // STAGES x (BM lse, BM delta)
+    constexpr int LD_FLOATS = (2 * STAGES * BM + 255) / 256 * 256;   // to 1 KiB
     // Shared addresses >> 4 of the wgmma operand tiles, for their descriptors (sw128_desc_at).
     const u32 k4 = smem_addr(sK) >> 4, v4 = smem_addr(sV) >> 4, q4 = smem_addr(sQ) >> 4;
     const u32 o4 = smem_addr(sO) >> 4, ds4 = smem_addr(sdS) >> 4;
@@ -128,7 +128,7 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     // whose per-warp 4 KiB blocks stay 1024-byte aligned for the swizzle (every region before
     // sdQ is a multiple of 1 KiB).
     constexpr int SDQ = DQ == 2 ? D : DQ == 3 ? DQ_N : DQ_N + 8;
-    float* sdQ = sL + LD_FLOATS;                                     // BULK_DQ: per warp 16 x SDQ
+    float* sdQ = sLD + LD_FLOATS;                                    // BULK_DQ: per warp 16 x SDQ
     // TMA: full[s] completes when Q and dO of stage s have landed (phase n = the n-th fill).
     unsigned long long* full = reinterpret_cast<unsigned long long*>(sdQ + (BULK_DQ ? 4 * WGS * 16 * 72 : 0));
 
@@ -159,15 +159,20 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
 
     load_tile_sw128<BN, D, THREADS>(reinterpret_cast<T*>(sK), k + kv_off, J - n0);
     load_tile_sw128<BN, D, THREADS>(reinterpret_cast<T*>(sV), v + kv_off, J - n0);
-    // Q, dO, and the raw lse and delta of query tile `it`, all asynchronous (a plain global load
+    // Q, dO and the row statistics of query tile `it`, all asynchronous (a plain global load
     // here would stall its warps for a full memory latency every tile). Q and dO rows past the
-    // end arrive as zeros; those rows get lse = +inf (P = 0 there) and delta = 0 without a load.
+    // end arrive as zeros. (The statistics once came by a cp.async per row: the proxy fence of
+    // the dQ staging then waited for those loads, and their row arithmetic took many issue
+    // slots: ncu, benchmarks/NOTES.md v9.)
     auto load_q_tile = [&](int it) {
         const int stage = it % STAGES, m0 = row0_of(it);
         const long long qoff = (long long)(bi * H + head_of(it)) * I + m0;
+        const float* stats_src = stats + ((long long)(bi * H + head_of(it)) * n_q_tiles + m0 / BM) * 2 * BM;
+        float* stats_dst = sLD + stage * 2 * BM;
         if constexpr (TMA) {
             if (threadIdx.x == 0) {
-                mbar_arrive_expect(full + stage, 2 * TILE_Q);
+                mbar_arrive_expect(full + stage, 2 * TILE_Q + 2 * BM * 4);
+                bulk_load(stats_dst, stats_src, 2 * BM * 4, full + stage);
 #pragma unroll
                 for (int slab = 0; slab < D / 64; ++slab) {
                     const int at = stage * TILE_Q + slab * BM * 128, bh = bi * H + head_of(it);
@@ -178,12 +183,7 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
         } else {
             load_tile_sw128<BM, D, THREADS>(reinterpret_cast<T*>(sQ + stage * TILE_Q), q + qoff * D, I - m0);
             load_tile_sw128<BM, D, THREADS>(reinterpret_cast<T*>(sO + stage * TILE_Q), dout + qoff * D, I - m0);
-        }
-        for (int r = threadIdx.x; r < 2 * BM; r += THREADS) {
-            const int row = r % BM;
-            float* dst = (r < BM ? sL : sDl) + stage * BM + row;
-            if (m0 + row < I) cp_async_4(dst, (r < BM ? lse : delta) + qoff + row);
-            else *dst = r < BM ? INFINITY : 0.f;
+            for (int c = threadIdx.x; c < 2 * BM / 4; c += THREADS) cp_async_16(stats_dst + 4 * c, stats_src + 4 * c, 16);
         }
     };
 
@@ -211,31 +211,48 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     // Element i of st/dpt: key row (i & 2 ? key1 : key0), query column m0 + 8(i/4) + 2t + (i&1).
     const int key0 = n0 + kwg * 64 + warp * 16 + g, key1 = key0 + 8;   // this thread's key rows
     auto query_col = [&](int i) { return (i / 4) * 8 + 2 * t + (i & 1); };
-    // The per-row values (lse or delta, one stage) of this thread's 4 query columns in k-chunk
-    // kc: 16 kc + 2t (+1) and 16 kc + 8 + 2t (+1); element u of the chunk takes entry
+    // The row values (lse·log2(e) or delta of tile `it`) of this thread's 4 query columns in
+    // k-chunk kc: 16 kc + 2t (+1) and 16 kc + 8 + 2t (+1); element u of the chunk takes entry
     // (u >= 4 ? 2 : 0) + (u & 1).
-    auto chunk_cols = [&](const float* rows, int kc) {
+    auto chunk_cols = [&](int it, bool delta_row, int kc) {
+        const float* rows = sLD + (it % STAGES) * 2 * BM + (delta_row ? BM : 0);
         const float2 lo = *reinterpret_cast<const float2*>(rows + 16 * kc + 2 * t);
         const float2 hi = *reinterpret_cast<const float2*>(rows + 16 * kc + 8 + 2 * t);
         return make_float4(lo.x, lo.y, hi.x, hi.y);
     };
-    // P^T = exp2(S^T c + bias - lse) of tile `it`, in place in st and as 16-bit A fragments pa.
-    // HAS_BIAS and CHECK (per-key visibility tests: 0 none, 1 only the causal test, 2 all) are
-    // literals at every call, so each inlined copy is specialised: the common tile (no bias, no
+    auto entry = [](const float4& v, int u) {
+        const int e = (u >= 4 ? 2 : 0) + (u & 1);
+        return e == 0 ? v.x : e == 1 ? v.y : e == 2 ? v.z : v.w;
+    };
+    // A whole tile's row values in registers, read before the wgmmas they follow (lse before
+    // the tile's products are issued, delta before the dP^T wait): their shared-memory latency,
+    // long behind the wgmma operand reads, then passes under the tensor cores instead of in front
+    // of the exponentials (64-query tiles; 128-query tiles read them chunk by chunk where they
+    // are used: registers; delta as early as lse spills at d = 128).
+    constexpr bool EARLY_ROWS = BM == 64;
+    struct RowVals { float4 v[BM / 16]; };
+    auto tile_cols = [&](int it, bool delta_row) {
+        RowVals r;
+#pragma unroll
+        for (int kc = 0; kc < BM / 16; ++kc) r.v[kc] = chunk_cols(it, delta_row, kc);
+        return r;
+    };
+    // P^T = exp2(S^T c + bias - lse) of tile `it`, in place in st and as 16-bit A fragments pa;
+    // nl: the tile's lse·log2(e) in registers (tile_cols), or null to read them from shared
+    // memory chunk by chunk. HAS_BIAS and CHECK (per-key
+    // visibility tests: 0 none, 1 only the causal test, 2 all) are literals at every call, so each inlined copy is specialised: the common tile (no bias, no
     // mask, not on the causal diagonal) runs straight-line code, a diagonal one a compare and
     // select more. (Query rows past I need no test: their lse is +inf, so P = 0.)
-    auto to_p_as = [&](const bool HAS_BIAS, const int CHECK, float (&st)[BM / 2], int it,
+    auto to_p_as = [&](const bool HAS_BIAS, const int CHECK, float (&st)[BM / 2], const RowVals* nl, int it,
                        u32 (&pa)[BM / 16][4]) {
         const int hq = head_of(it), m0 = row0_of(it);
-        const float* Ls = sL + (it % STAGES) * BM;
 #pragma unroll
         for (int kc = 0; kc < BM / 16; ++kc) {
-            const float4 l = chunk_cols(Ls, kc);
-            const float nl[4] = {lse_log2(l.x), lse_log2(l.y), lse_log2(l.z), lse_log2(l.w)};
+            const float4 l = nl ? nl->v[kc] : chunk_cols(it, false, kc);
 #pragma unroll
             for (int u = 0; u < 8; ++u) {
                 const int i = 8 * kc + u, key = (i & 2) ? key1 : key0, row = m0 + query_col(i);
-                float x = st[i] * c_scale - nl[(u >= 4 ? 2 : 0) + (u & 1)];
+                float x = st[i] * c_scale - entry(l, u);
                 if (HAS_BIAS) x += bview.log2_at(bi, hq, min(row, I - 1), min(key, J - 1));
                 float p = (CATTN_DIAG & 2) ? x : fast_exp2(x);
                 if (CHECK == 2) {
@@ -252,18 +269,16 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     // tile; the bias gradient (HAS_BIAS, a literal) once per (query, key): by one column half
     // at d = 256 (writes_dbias).
     auto to_ds_as = [&](const bool HAS_BIAS, const float (&st)[BM / 2], const float (&dpt)[BM / 2],
-                        int it, u32 (&sa)[BM / 16][4]) {
+                        const RowVals* dl, int it, u32 (&sa)[BM / 16][4]) {
         const int hq = head_of(it), m0 = row0_of(it);
-        const float* Ds = sDl + (it % STAGES) * BM;
 #pragma unroll
         for (int kc = 0; kc < BM / 16; ++kc) {
-            const float4 dc = chunk_cols(Ds, kc);
-            const float dl[4] = {dc.x, dc.y, dc.z, dc.w};
+            const float4 dc = dl ? dl->v[kc] : chunk_cols(it, true, kc);
             float se[8];
 #pragma unroll
             for (int u = 0; u < 8; ++u) {
                 const int i = 8 * kc + u;
-                se[u] = st[i] * (dpt[i] - dl[(u >= 4 ? 2 : 0) + (u & 1)]);
+                se[u] = st[i] * (dpt[i] - entry(dc, u));
                 if (HAS_BIAS) {
                     if (st[i] != 0.f && writes_dbias)
                         bgrad.put(bi, hq, m0 + query_col(i), (i & 2) ? key1 : key0, se[u]);
@@ -280,18 +295,19 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
             *reinterpret_cast<u32*>(sdS + sw128_offset<BN>(kl0 + 8, qc0 + 8)) = sa[kc][3];
         }
     };
-    // The specialised copies for tile `it`.
-    auto to_p = [&](float (&st)[BM / 2], int it, u32 (&pa)[BM / 16][4]) {
+    // The specialised copies for tile `it`; nl, dl as for to_p_as / to_ds_as.
+    auto to_p = [&](float (&st)[BM / 2], const RowVals* nl, int it, u32 (&pa)[BM / 16][4]) {
         const int m0 = row0_of(it);
         const bool diagonal = causal && n0 + BN - 1 > m0 + (J - I);
         const bool edge = (n0 + BN > J) || mask_b != nullptr;
-        if (bias != nullptr || edge) to_p_as(bias != nullptr, diagonal || edge ? 2 : 0, st, it, pa);
-        else if (diagonal) to_p_as(false, 1, st, it, pa);
-        else to_p_as(false, 0, st, it, pa);
+        if (bias != nullptr || edge) to_p_as(bias != nullptr, diagonal || edge ? 2 : 0, st, nl, it, pa);
+        else if (diagonal) to_p_as(false, 1, st, nl, it, pa);
+        else to_p_as(false, 0, st, nl, it, pa);
     };
-    auto to_ds = [&](const float (&st)[BM / 2], const float (&dpt)[BM / 2], int it, u32 (&sa)[BM / 16][4]) {
-        if (bias != nullptr) to_ds_as(true, st, dpt, it, sa);
-        else to_ds_as(false, st, dpt, it, sa);
+    auto to_ds = [&](const float (&st)[BM / 2], const float (&dpt)[BM / 2], const RowVals* dl, int it,
+                     u32 (&sa)[BM / 16][4]) {
+        if (bias != nullptr) to_ds_as(true, st, dpt, dl, it, sa);
+        else to_ds_as(false, st, dpt, dl, it, sa);
     };
 
     float dk[DO / 2], dv[DO / 2];
@@ -328,17 +344,20 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
 
     // OVERLAP (S^T and dP^T committed apart): P^T while the tensor cores do dP^T, dV issued,
     // then dS^T (into pa / sa and the smem tile) while they do dV.
+    // nl: the tile's lse in registers (EARLY_ROWS: read before issue_sdp), else null.
     auto p_then_ds = [&](float (&st)[BM / 2], float (&dpt)[BM / 2], int it, u32 (&pa)[BM / 16][4],
-                         u32 (&sa)[BM / 16][4]) {
+                         u32 (&sa)[BM / 16][4], const RowVals* nl) {
         wgmma_wait<1>();
         pin(st);
-        to_p(st, it, pa);
+        to_p(st, nl, it, pa);
         wgmma_fence();
         issue_grad(dv, pa, o4, it);
         wgmma_commit();
+        RowVals dl;
+        if constexpr (EARLY_ROWS) dl = tile_cols(it, true);
         wgmma_wait<1>();
         pin(dpt);
-        to_ds(st, dpt, it, sa);
+        to_ds(st, dpt, EARLY_ROWS ? &dl : nullptr, it, sa);
     };
 
     // ROLE: S^T / P^T in warpgroup 0, dP^T / dS^T in warpgroup 1 (see the top), then the dV halves
@@ -353,7 +372,7 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
             wgmma_commit();
             wgmma_wait<0>();
             pin(st);
-            to_p(st, it, pa);
+            to_p(st, nullptr, it, pa);
 #pragma unroll
             for (int c = 0; c < BM / 8; ++c) p4[c * 128] = make_float4(st[4 * c], st[4 * c + 1], st[4 * c + 2], st[4 * c + 3]);
             named_barrier_arrive(1, THREADS);   // P^T is in smem
@@ -378,7 +397,7 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
             for (int kc = 0; kc < BM / 16; ++kc)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) pa[kc][e] = Pack<T>::from_floats(st[8 * kc + 2 * e], st[8 * kc + 2 * e + 1]);
-            to_ds(st, dpt, it, sa);
+            to_ds(st, dpt, nullptr, it, sa);
             wgmma_fence();
             issue_grad(dv, pa, o4, it);
             issue_grad(dk, sa, q4, it);
@@ -489,16 +508,19 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
         cp_async_commit();
     }
     for (int it = 0; it < total && REORDER; ++it) {
-        // Tile `it` has landed (its lse and delta: every group but the newest), and every
-        // warpgroup has waited for its dQ of tile it-1, so dS^T may be rewritten.
+        // Tile `it` has landed, and every warpgroup has waited for its dQ of tile it-1, so dS^T
+        // may be rewritten. (The proxy fence orders the K and V loads, by cp.async, before the
+        // first wgmma; TMA brings everything later, and a fence per tile would also wait for
+        // this thread's outstanding global reductions.)
         cp_async_wait<1>();
-        fence_async_smem();
+        if (it == 0) fence_async_smem();
         __syncthreads();
         float st[BM / 2], dpt[BM / 2];
         if constexpr (TMA) mbar_wait(full + it % STAGES, (it / STAGES) & 1);
+        const RowVals nl = tile_cols(it, false);
         issue_sdp(st, dpt, it);
         u32 pa[BM / 16][4], sa[BM / 16][4];
-        p_then_ds(st, dpt, it, pa, sa);   // its first wait also retires dK of tile it-1
+        p_then_ds(st, dpt, it, pa, sa, &nl);   // its first wait also retires dK of tile it-1
         fence_async_smem();
         __syncthreads();    // all of dS^T is in smem, and tile it-1 is done with: refill its stage
         if (it + 2 < total) load_q_tile(it + 2);
@@ -515,9 +537,10 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     for (int it = 0; it < total && !REORDER; ++it) {
         // Tile `it` has landed, and every warpgroup is done with tile it-1 (its wgmmas were
         // waited for), so the other stage and the dS^T tile may be refilled: one barrier per
-        // tile here, one for dS^T below.
+        // tile here, one for dS^T below. (The fence: for tiles loaded by cp.async; with TMA only
+        // the first, after K and V.)
         cp_async_wait<0>();
-        fence_async_smem();
+        if (!TMA || it == 0) fence_async_smem();
         __syncthreads();
         if (it + 1 < total) load_q_tile(it + 1);
         cp_async_commit();
@@ -527,8 +550,10 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
         if constexpr (ROLE) {
             role_tile(st, dpt, it, pa, sa);
         } else if constexpr (OVERLAP) {
+            RowVals nl;
+            if constexpr (EARLY_ROWS) nl = tile_cols(it, false);
             issue_sdp(st, dpt, it);
-            p_then_ds(st, dpt, it, pa, sa);
+            p_then_ds(st, dpt, it, pa, sa, EARLY_ROWS ? &nl : nullptr);
             wgmma_fence();
             issue_grad(dk, sa, q4, it);
             wgmma_commit();
@@ -537,8 +562,8 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
             wgmma_wait<0>();
             pin(st);
             pin(dpt);
-            to_p(st, it, pa);
-            to_ds(st, dpt, it, sa);
+            to_p(st, nullptr, it, pa);
+            to_ds(st, dpt, nullptr, it, sa);
             wgmma_fence();
             issue_grad(dv, pa, o4, it);
             issue_grad(dk, sa, q4, it);

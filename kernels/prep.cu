@@ -2,6 +2,7 @@
 //   l2norm_rows      xhat = x * r per group (r = 1/||x_g||, 0 for zero groups), keeps r
 //   l2norm_backward  dx = r * (dxhat - xhat <xhat, dxhat>) per group
 //   row_dot          D = <dout, out> per row (backward)
+//   pack_row_stats   lse (log2 units) and D per tile of query rows, padded (Hopper backward)
 // The *_v8 kernels do the same with 8 consecutive elements per thread (16-byte loads of a 2-byte
 // type) and `tpr` threads per row: one warp per row at d = 64 reads 4 bytes per lane, a third of
 // the bandwidth these memory-bound passes need. The launch layer picks them where they apply.
@@ -178,4 +179,22 @@ __global__ void row_dot(const T* __restrict__ a, const T* __restrict__ b, float*
     for (int e = lane; e < d; e += 32) s += to_float(a[row * d + e]) * to_float(b[row * d + e]);
     s = warp_sum(s);
     if (lane == 0) out[row] = s;
+}
+
+// The Hopper backward's row statistics: for each (batch·head, tile of `bm` query rows), bm values
+// of lse·log2(e) (+inf for a row that saw no key) and then bm of delta, the rows past i padded
+// with +inf and 0 (probability 0, no gradient), so that a tile's are one aligned block the
+// kernel brings in with a single bulk copy. One thread per padded row.
+__global__ void pack_row_stats(const float* __restrict__ lse, const float* __restrict__ delta,
+                               float* __restrict__ stats, long long heads, int i, int tiles, int bm) {
+    const long long rows = heads * tiles * bm;
+    for (long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x; idx < rows;
+         idx += (long long)gridDim.x * blockDim.x) {
+        const long long head = idx / ((long long)tiles * bm);
+        const int r = (int)(idx - head * tiles * bm);
+        float* tile = stats + (head * tiles + r / bm) * 2 * bm + r % bm;
+        const bool real = r < i;
+        tile[0] = real ? lse_log2(lse[head * i + r]) : INFINITY;
+        tile[bm] = real ? delta[head * i + r] : 0.f;
+    }
 }

@@ -129,6 +129,13 @@ __device__ __forceinline__ void tma_load_3d(void* dst, const TmaMap* map, int c0
                     "r"(c0), "r"(c1), "r"(c2), "r"(smem_addr(bar)) : "memory");
 }
 
+// Copy `bytes` (a multiple of 16; both addresses 16-byte aligned) from global to shared memory
+// by the copy engine, completion counted on `bar` in bytes.
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, int bytes, unsigned long long* bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+                 :: "r"(smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(bar)) : "memory");
+}
+
 // dst (global, through a tensor map) += a box of fp32 from smem, by the copy engine (a bulk
 // group: bulk_commit / bulk_wait_read as for bulk_reduce_add_f32); box rows past the tensor's
 // end are not written.

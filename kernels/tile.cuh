@@ -16,6 +16,11 @@ using u32 = unsigned int;
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
 
+// Backward: lse in log2 units; -inf (a row that saw no key) -> +inf so that exp2(x - lse2) = 0.
+__device__ __forceinline__ float lse_log2(float lse) {
+    return lse == -INFINITY ? INFINITY : lse * LOG2E;
+}
+
 template <typename T> struct Pack;  // two elements in one 32-bit register
 template <> struct Pack<__half> {
     static __device__ __forceinline__ u32 from_floats(float a, float b) {

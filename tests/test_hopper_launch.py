@@ -16,6 +16,21 @@ def no_knobs(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
+@pytest.fixture(autouse=True)
+def row_stats_calls(monkeypatch):
+    """pack_row_stats without a GPU: records (lse, delta, heads, i, bm), returns a marker."""
+    calls = []
+    monkeypatch.setattr(hl, "pack_row_stats", lambda *a: calls.append(a) or "STATS")
+    return calls
+
+
+def bwd_args(h=1, i=64):
+    """attn_bwd_kv_mma's 25 arguments with only what the launcher reads: lse, delta, h, i."""
+    import numpy as np
+    return ((None,) * 4 + ("LSE", "DELTA") + (None,) * 11 + (np.int32(h), None, np.int32(i))
+            + (None,) * 5)
+
+
 def test_default_variants_are_the_measured_ones():
     assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 128, 1, false, true, false, 0, false>"
     # d = 128: the warp-specialised forward (producer warpgroup, stage release)
@@ -133,7 +148,7 @@ def test_bad_knob_values_are_refused_by_name(monkeypatch, name, value):
         with pytest.raises(ValueError, match=name):
             hl.launch("__half", 64, fwd_args, 1, 1, 64)
         with pytest.raises(ValueError, match=name):
-            hl.launch_backward("__half", 64, (None,) * 25, 1, 1, 64)
+            hl.launch_backward("__half", 64, bwd_args(), 1, 1, 64)
 
 
 def test_stagger_is_a_launch_argument_of_both_kernels(monkeypatch):
@@ -154,7 +169,7 @@ def test_stagger_is_a_launch_argument_of_both_kernels(monkeypatch):
         else:
             monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_STAGGER", value)
         hl.launch("__half", 64, fwd_args, 1, 1, 64)
-        hl.launch_backward("__half", 64, (None,) * 25, 1, 1, 64)
+        hl.launch_backward("__half", 64, bwd_args(), 1, 1, 64)
     assert [int(a) for a in launched] == [0, 0, 0, 0, 1, 1]      # off unless asked for
     assert all(isinstance(a, np.int32) for a in launched)
 
@@ -217,8 +232,8 @@ def test_backward_grid_has_a_column_split_axis_at_d256(monkeypatch):
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_TMA", "0")     # no tensor maps (no driver here)
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_DQ", "1")
     for d in (128, 256):
-        hl.launch_backward("__half", d, (None,) * 25, 2, 3, 130)
-    hl.launch_backward("__half", 256, (None,) * 25, 2, 3, 130, wgs=1)
+        hl.launch_backward("__half", d, bwd_args(3, 130), 2, 3, 130)
+    hl.launch_backward("__half", 256, bwd_args(3, 130), 2, 3, 130, wgs=1)
     assert launches[0][:2] == ((2 * 3 * 2, 1), (256,))      # 128 keys per CTA, two warpgroups
     assert launches[1][:2] == ((2 * 3 * 3, 1), (256,))      # 64 keys per CTA, a warpgroup per column half
     assert launches[1][2] == hl.backward_smem(256, 2, 64, overlap=2, dq=4)
@@ -233,3 +248,23 @@ def test_knobs_that_overflow_shared_memory_are_refused_before_compiling(monkeypa
     args = (None,) * 12 + (np.int32(1), np.int32(1), np.int32(4096), np.int32(0), np.int32(0))
     with pytest.raises(ValueError, match="CUPY_COSINE_ATTN_SM90_BN"):
         hl.launch("__half", 256, args, 1, 1, 4096)
+
+
+def test_backward_gets_row_statistics_in_place_of_lse_and_delta(monkeypatch, row_stats_calls):
+    """The kernel takes one padded statistics array (per tile of its query rows) where the sm_80
+    kernels take lse and delta: 24 arguments, then three tensor maps and the stagger."""
+    launched = []
+
+    class Fn:
+        def __call__(self, grid, block, args, shared_mem=0):
+            launched.append(args)
+
+    monkeypatch.setattr(hl, "get_function", lambda spec: Fn())
+    monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_TMA", "0")     # no tensor maps (no driver here)
+    monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_DQ", "1")
+    for d, bm in ((64, 128), (128, 64), (256, 64)):
+        hl.launch_backward("__half", d, bwd_args(3, 130), 2, 3, 130)
+        assert row_stats_calls[-1] == ("LSE", "DELTA", 2 * 3, 130, bm)
+        args = launched[-1]
+        assert len(args) == 24 + 3 + 1
+        assert [a for a in args if isinstance(a, str)] == ["STATS"] and args[4] == "STATS"

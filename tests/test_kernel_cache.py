@@ -508,28 +508,28 @@ def test_warmup_with_arch_compiles_without_gpu(cache, nvrtc_calls, capsys, monke
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     lines = [ln for ln in out.splitlines() if ln.startswith("[")]
-    # 13 portable variants compile; the 3 Hopper-only ones are listed as skipped for sm_80
-    assert len(lines) == 16 and lines[0].startswith("[1/16] l2norm_rows<__half> sm_80 ")
-    assert lines[12].startswith("[13/16] attn_bwd_q_mma<64, __half> sm_80 ")
-    assert all(ln.endswith(" s") for ln in lines[:13])
-    assert all("wgmma" in ln and "skip" in ln for ln in lines[13:])
-    assert len(nvrtc_calls) == 13 and kb.cache_stats()["entries"] == 13
-    assert "13 compiled, 0 cached" in out
+    # 14 portable variants compile; the 3 Hopper-only ones are listed as skipped for sm_80
+    assert len(lines) == 17 and lines[0].startswith("[1/17] l2norm_rows<__half> sm_80 ")
+    assert lines[13].startswith("[14/17] attn_bwd_q_mma<64, __half> sm_80 ")
+    assert all(ln.endswith(" s") for ln in lines[:14])
+    assert all("wgmma" in ln and "skip" in ln for ln in lines[14:])
+    assert len(nvrtc_calls) == 14 and kb.cache_stats()["entries"] == 14
+    assert "14 compiled, 0 cached" in out
 
     assert cli.main(argv) == 0                                 # second run: all from the cache
     out = capsys.readouterr().out
-    assert len(nvrtc_calls) == 13 and out.count(" cached\n") == 13
+    assert len(nvrtc_calls) == 14 and out.count(" cached\n") == 14
 
     assert cli.main(["info"]) == 0
     info = capsys.readouterr().out
-    assert f"kernel cache    {cache} (13 entries" in info
+    assert f"kernel cache    {cache} (14 entries" in info
 
 
 @needs_nvrtc
 def test_warmup_sm90a_compiles_what_a_hopper_gpu_loads(cache, nvrtc_calls, capsys):
     assert cli.main(["warmup", "--arch", "sm_90a", "--dims", "64", "--dtypes", "bf16"]) == 0
     out = capsys.readouterr().out
-    assert "[1/16] l2norm_rows<__nv_bfloat16> sm_90 " in out
+    assert "[1/17] l2norm_rows<__nv_bfloat16> sm_90 " in out
     assert "attn_fwd_wgmma<64, __nv_bfloat16, 128, 1, false, true, false, 0, false> sm_90a " in out   # Hopper-only
     assert {tuple(a) for _, a in nvrtc_calls} == {("-arch=sm_90",), ("-arch=sm_90a",)}
     for spec in cli.warmup_specs(["bfloat16"], [64]):
@@ -543,7 +543,7 @@ def test_warmup_jobs_skip_hopper_variants_off_hopper():
         (SPEC.name, "sm_80", "sm_80"), ("wgmma<64>", None, "sm_80"),
         (SPEC.name, "sm_90", "sm_90a"), ("wgmma<64>", "sm_90a", "sm_90a")]
     specs = cli.warmup_specs(["float16", "bfloat16"], [64, 128])
-    assert len(specs) == len(set(specs)) == 52         # 36 portable + 16 Hopper-only
+    assert len(specs) == len(set(specs)) == 53         # 37 portable + 16 Hopper-only
 
 
 def test_warmup_arguments(capsys, monkeypatch):
