@@ -28,7 +28,7 @@ _KNOBS = {
     "CUPY_COSINE_ATTN_SM90_TMA": (0, 1),          # tiles by TMA (else cp.async): fwd K/V, bwd Q/dO
     "CUPY_COSINE_ATTN_SM90_RELEASE": (0, 1),      # forward with TMA: per-stage release, no CTA barrier
     "CUPY_COSINE_ATTN_SM90_WS": (0, 1, 2),        # forward: producer warpgroup (+ ping-pong: 2)
-    "CUPY_COSINE_ATTN_SM90_BWD_WGS": (1, 2),      # backward, d = 64: warpgroups (64 keys each)
+    "CUPY_COSINE_ATTN_SM90_BWD_WGS": (1, 2),      # backward, d = 64: warpgroups (64 keys each); d = 256: column-half layout
     "CUPY_COSINE_ATTN_SM90_BWD_BM": (64, 128),    # backward, d = 64 with 2 warpgroups: queries per step
     "CUPY_COSINE_ATTN_SM90_DQ": (0, 1, 2, 3, 4),  # backward dQ: atomics / bulk rows / bulk blocks / TMA / vector red
     "CUPY_COSINE_ATTN_SM90_BWD_OVERLAP": (0, 1, 2),  # backward: exp under dP^T, dS^T under dV (+ dK late: 2)
@@ -122,8 +122,9 @@ def sm90_ws(d, bias_mask=False):
 
 def sm90_stagger():
     """1: without a causal mask, the CTAs of one head start their walk over the key tiles
-    (forward) or query tiles (backward) at different tiles, wrapping round, so they do not all
-    read the same tile, or add into the same dQ rows, at the same time; 0: all start at tile 0.
+    (forward; not its copy for calls with a bias or key mask) or query tiles (backward) at
+    different tiles, wrapping round, so they do not all read the same tile, or add into the same
+    dQ rows, at the same time; 0: all start at tile 0.
     A launch argument, not a template parameter: both values run the same kernel. Off by default:
     measured no faster (d = 128 about 2% slower, benchmarks/NOTES.md, v8)."""
     return _knob("CUPY_COSINE_ATTN_SM90_STAGGER", 0)
@@ -270,9 +271,10 @@ def backward_keys_per_cta(d, wgs):
     return 64 if d == 256 else 64 * wgs
 
 
-def backward_column_splits(d, wgs=1):
+def backward_column_splits(d, wgs=None):
     """CTAs per key tile: d = 256 with one warpgroup splits the output columns in halves between
-    two CTAs (grid y; see the kernel)."""
+    two CTAs (grid y; see the kernel); wgs None: the default layout."""
+    wgs = sm90_bwd_wgs(d) if wgs is None else wgs
     return 2 if d == 256 and wgs == 1 else 1
 
 
