@@ -181,3 +181,28 @@ def test_large_offsets_backward():
     rq, = torch.autograd.grad(ref.sum(), (qt,))
     assert rel_err(dq[:, :, tail], rq) < 5e-3
 
+
+
+def test_row_statistics_are_packed_per_query_tile():
+    """The Hopper backward's row statistics (prep.cu's pack_row_stats): per (head, tile of bm
+    query rows) lse·log2(e), then delta; a row that saw no key (lse = -inf) gets +inf, the rows
+    past i +inf and 0 (probability 0, no gradient)."""
+    import cupy as cp
+    import numpy as np
+    from cupy_cosine_attn import hopper_launch
+    heads, i = 3, 150
+    for bm in (64, 128):
+        rng = np.random.default_rng(bm)
+        lse = rng.standard_normal((heads, i)).astype(np.float32)
+        lse[1, 7] = -np.inf
+        delta = rng.standard_normal((heads, i)).astype(np.float32)
+        stats = hopper_launch.pack_row_stats(cp.asarray(lse), cp.asarray(delta), heads, i, bm).get()
+        tiles = -(-i // bm)
+        assert stats.shape == (heads, tiles, 2, bm)
+        want_lse = np.full((heads, tiles * bm), np.inf, np.float32)
+        want_lse[:, :i] = lse * np.float32(np.log2(np.e))
+        want_lse[1, 7] = np.inf
+        want_delta = np.zeros((heads, tiles * bm), np.float32)
+        want_delta[:, :i] = delta
+        np.testing.assert_allclose(stats[:, :, 0].reshape(heads, -1), want_lse, rtol=1e-6)
+        np.testing.assert_array_equal(stats[:, :, 1].reshape(heads, -1), want_delta)

@@ -214,6 +214,7 @@ def test_d256_runs_the_hopper_kernels_with_the_backward_split_in_column_halves(m
     monkeypatch.delenv("CUPY_COSINE_ATTN_SM90_BWD_WGS")
     assert hl.backward_column_splits(256, 1) == 2 and hl.backward_column_splits(256, 2) == 1
     assert hl.backward_column_splits(128, 2) == 1
+    assert hl.backward_column_splits(256) == 1 and hl.backward_column_splits(128) == 1   # default layouts
     assert [s.name for s in hl.default_specs("__half", 256)] == [
         hl.forward_spec("__half", 256).name, hl.forward_spec("__half", 256, bias_mask=True).name,
         hl.backward_spec("__half", 256).name]
