@@ -344,13 +344,12 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
 
     // OVERLAP (S^T and dP^T committed apart): P^T while the tensor cores do dP^T, dV issued,
     // then dS^T (into pa / sa and the smem tile) while they do dV.
+    // nl: the tile's lse in registers (EARLY_ROWS: read before issue_sdp), else null.
     auto p_then_ds = [&](float (&st)[BM / 2], float (&dpt)[BM / 2], int it, u32 (&pa)[BM / 16][4],
-                         u32 (&sa)[BM / 16][4]) {
-        RowVals nl;
-        if constexpr (EARLY_ROWS) nl = tile_cols(it, false);
+                         u32 (&sa)[BM / 16][4], const RowVals* nl) {
         wgmma_wait<1>();
         pin(st);
-        to_p(st, EARLY_ROWS ? &nl : nullptr, it, pa);
+        to_p(st, nl, it, pa);
         wgmma_fence();
         issue_grad(dv, pa, o4, it);
         wgmma_commit();
@@ -518,9 +517,10 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
         __syncthreads();
         float st[BM / 2], dpt[BM / 2];
         if constexpr (TMA) mbar_wait(full + it % STAGES, (it / STAGES) & 1);
+        const RowVals nl = tile_cols(it, false);
         issue_sdp(st, dpt, it);
         u32 pa[BM / 16][4], sa[BM / 16][4];
-        p_then_ds(st, dpt, it, pa, sa);   // its first wait also retires dK of tile it-1
+        p_then_ds(st, dpt, it, pa, sa, &nl);   // its first wait also retires dK of tile it-1
         fence_async_smem();
         __syncthreads();    // all of dS^T is in smem, and tile it-1 is done with: refill its stage
         if (it + 2 < total) load_q_tile(it + 2);
@@ -550,8 +550,10 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
         if constexpr (ROLE) {
             role_tile(st, dpt, it, pa, sa);
         } else if constexpr (OVERLAP) {
+            RowVals nl;
+            if constexpr (EARLY_ROWS) nl = tile_cols(it, false);
             issue_sdp(st, dpt, it);
-            p_then_ds(st, dpt, it, pa, sa);
+            p_then_ds(st, dpt, it, pa, sa, EARLY_ROWS ? &nl : nullptr);
             wgmma_fence();
             issue_grad(dk, sa, q4, it);
             wgmma_commit();
