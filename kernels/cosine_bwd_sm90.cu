@@ -342,23 +342,6 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
         wgmma_commit();
     };
 
-    // DQ = 3: the reduce-add of this warp's staged dQ boxes of tile `it` (written by store_dq).
-    // With REORDER it is issued one phase late, after the next tile's dV (LATE_DQ_ADD): the proxy
-    // fence in front of it waits until the staging stores have landed, which right after them
-    // took a tenth of the backward's stall samples (ncu, benchmarks/NOTES.md v9).
-    constexpr bool LATE_DQ_ADD = REORDER && DQ == 3 && !(CATTN_DIAG & 1);
-    auto flush_dq = [&](int it, int part) {
-        const int m0 = row0_of(it) + (SPLIT_Q ? wg * 64 : 0), c0 = 64 * dq_slab(part);
-        unsigned char* sw = reinterpret_cast<unsigned char*>(sdQ + (wg * 4 + warp) * 16 * SDQ);
-        fence_async_smem();
-        __syncwarp();
-        if (lane == 0) {
-            const int bh = bi * H + head_of(it);
-            tma_reduce_add_3d(&tmap_dq, sw, c0, m0 + warp * 16, bh);
-            tma_reduce_add_3d(&tmap_dq, sw + 2048, c0 + 32, m0 + warp * 16, bh);
-            bulk_commit();
-        }
-    };
     // OVERLAP (S^T and dP^T committed apart): P^T while the tensor cores do dP^T, dV issued,
     // then dS^T (into pa / sa and the smem tile) while they do dV.
     // nl: the tile's lse in registers (EARLY_ROWS: read before issue_sdp), else null.
@@ -370,7 +353,6 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
         wgmma_fence();
         issue_grad(dv, pa, o4, it);
         wgmma_commit();
-        if (LATE_DQ_ADD && it > 0) flush_dq(it - 1, 0);
         RowVals dl;
         if constexpr (EARLY_ROWS) dl = tile_cols(it, true);
         wgmma_wait<1>();
@@ -453,7 +435,14 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
                 *reinterpret_cast<float2*>(sw + at + g * 128) = make_float2(dq[4 * j] * scale, dq[4 * j + 1] * scale);
                 *reinterpret_cast<float2*>(sw + at + (g + 8) * 128) = make_float2(dq[4 * j + 2] * scale, dq[4 * j + 3] * scale);
             }
-            if (!LATE_DQ_ADD) flush_dq(it, part);
+            fence_async_smem();
+            __syncwarp();
+            if (lane == 0) {
+                const int bh = bi * H + head_of(it);
+                tma_reduce_add_3d(&tmap_dq, sw, c0, m0 + warp * 16, bh);
+                tma_reduce_add_3d(&tmap_dq, sw + 2048, c0 + 32, m0 + warp * 16, bh);
+                bulk_commit();
+            }
         } else if constexpr (DQ == 4) {
             // Straight from registers, no staging: one vector reduction per column pair, so no
             // shared-memory traffic (the staged modes write and read 2 x 4 bytes per element).
@@ -545,7 +534,6 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
         pin(dv);
         store_dq(dq, it, 0);
     }
-    if (LATE_DQ_ADD && total > 0) flush_dq(total - 1, 0);
     for (int it = 0; it < total && !REORDER; ++it) {
         // Tile `it` has landed, and every warpgroup is done with tile it-1 (its wgmmas were
         // waited for), so the other stage and the dS^T tile may be refilled: one barrier per
