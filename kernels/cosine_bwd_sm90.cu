@@ -55,9 +55,6 @@
 #include "sm90.cuh"
 using namespace cattn;
 
-#ifndef CATTN_DQ_V4
-#define CATTN_DQ_V4 1   // DQ = 4: 16-byte reductions after a pair swap between lanes (0: 8-byte)
-#endif
 #ifndef CATTN_DIAG
 #define CATTN_DIAG 0   // phase probe (benchmarks/phase_probe.py): bits leave stages out; results wrong
 #endif
@@ -449,24 +446,6 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
         } else if constexpr (DQ == 4) {
             // Straight from registers, no staging: one vector reduction per column pair, so no
             // shared-memory traffic (the staged modes write and read 2 x 4 bytes per element).
-#if CATTN_DQ_V4
-            // Lanes t, t ^ 1 swap a row's pair, so each adds 4 adjacent columns of one row (even
-            // lane: row r0, odd lane: row r1) in one 16-byte reduction: half the operations.
-            const bool odd = t & 1;
-            const int row = odd ? r1 : r0;
-#pragma unroll
-            for (int j = 0; j < DQ_N / 8; ++j) {
-                const float give0 = odd ? dq[4 * j] : dq[4 * j + 2], give1 = odd ? dq[4 * j + 1] : dq[4 * j + 3];
-                const float got0 = __shfl_xor_sync(0xffffffffu, give0, 1);
-                const float got1 = __shfl_xor_sync(0xffffffffu, give1, 1);
-                const float a0 = odd ? got0 : dq[4 * j], a1 = odd ? got1 : dq[4 * j + 1];
-                const float b0 = odd ? dq[4 * j + 2] : got0, b1 = odd ? dq[4 * j + 3] : got1;
-                if (row < I)
-                    red_add_f32x4(dqb + (long long)row * D + c0 + j * 8 + 2 * (t & 2), a0 * scale, a1 * scale,
-                                  b0 * scale, b1 * scale);
-            }
-            if (false)
-#endif
 #pragma unroll
             for (int j = 0; j < DQ_N / 8; ++j) {
                 const int col = c0 + j * 8 + 2 * t;

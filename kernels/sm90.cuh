@@ -76,11 +76,6 @@ __device__ __forceinline__ void bulk_reduce_add_f32(float* gdst, const float* ss
 __device__ __forceinline__ void red_add_f32x2(float* dst, float a, float b) {
     asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(dst), "f"(a), "f"(b) : "memory");
 }
-// dst[0..3] += v as one 16-byte vector reduction (sm_90; dst 16-byte aligned).
-__device__ __forceinline__ void red_add_f32x4(float* dst, float a, float b, float c, float d) {
-    asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(dst), "f"(a), "f"(b), "f"(c), "f"(d)
-                 : "memory");
-}
 __device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
 // The smem sources of this thread's bulk groups may be overwritten after this.
 __device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
