@@ -33,7 +33,6 @@ _KNOBS = {
     "CUPY_COSINE_ATTN_SM90_DQ": (0, 1, 2, 3, 4),  # backward dQ: atomics / bulk rows / bulk blocks / TMA / vector red
     "CUPY_COSINE_ATTN_SM90_BWD_OVERLAP": (0, 1, 2),  # backward: exp under dP^T, dS^T under dV (+ dK late: 2)
     "CUPY_COSINE_ATTN_SM90_STAGGER": (0, 1),      # both, no causal mask: CTAs of a head start on different tiles
-    "CUPY_COSINE_ATTN_SM90_EXP_POLY": (0, 2, 4),  # forward: every k-th exponential on the FMA pipes (0: none)
 }
 
 
@@ -131,20 +130,12 @@ def sm90_stagger():
     return _knob("CUPY_COSINE_ATTN_SM90_STAGGER", 0)
 
 
-def sm90_exp_poly(d, bias_mask=False):
-    """k > 0: the forward computes every k-th exponential of its common tiles (no bias, no
-    per-key test) with a polynomial on the FMA pipes instead of MUFU (kernels/tile.cuh
-    poly_exp2); 0: all on MUFU. A compile option (-DCATTN_EXP_POLY=k), so the default kernels
-    are unchanged; the copy for calls with a bias or key mask has no such tiles and ignores it."""
-    return 0 if bias_mask else _knob("CUPY_COSINE_ATTN_SM90_EXP_POLY", 0)
-
-
 def _cpp_bool(flag):
     return "true" if flag else "false"
 
 
 def forward_spec(ctype, d, bn=None, wgs=None, qreg=None, use_tma=None, release=None, ws=None,
-                 bias_mask=False, exp_poly=None):
+                 bias_mask=False):
     """The forward variant; bias_mask: built for calls with a bias or a key mask (the copy for
     calls with neither leaves their code out, and with it the registers it takes)."""
     ws = sm90_ws(d, bias_mask) if ws is None else ws
@@ -155,10 +146,8 @@ def forward_spec(ctype, d, bn=None, wgs=None, qreg=None, use_tma=None, release=N
     release = ws or ((sm90_release(d, wgs) if release is None else release) and use_tma)
     flags = (", ".join(_cpp_bool(f) for f in (qreg, use_tma, release)) + f", {int(ws)}, "
              + _cpp_bool(bias_mask))
-    exp_poly = sm90_exp_poly(d, bias_mask) if exp_poly is None else (0 if bias_mask else exp_poly)
-    options = (f"-DCATTN_EXP_POLY={exp_poly}",) if exp_poly else ()
     return KernelSpec("cosine_fwd_sm90.cu", f"attn_fwd_wgmma<{d}, {ctype}, {bn}, {wgs}, {flags}>",
-                      options, hopper=True)
+                      hopper=True)
 
 
 def forward_smem(d, bn, wgs, ws=False):
@@ -359,9 +348,7 @@ def specs():
            # d = 256: 64-key tiles (the only ones that fit), Q from shared memory
            + [(ct, 256, 64, wgs, False, use_tma, release, 0) for ct in cts
               for wgs in (1, 2) for (use_tma, release) in ((True, False), (True, True), (False, False))])
-    # the polynomial share of the exponentials, on the default layouts of the tuned head dims
-    poly = [forward_spec(ct, d, exp_poly=k) for ct in cts for d in TUNED_HEAD_DIMS for k in (2, 4)]
-    return ([forward_spec(*f, bias_mask=bias_mask) for f in fwd for bias_mask in (False, True)] + poly
+    return ([forward_spec(*f, bias_mask=bias_mask) for f in fwd for bias_mask in (False, True)]
             + sorted({backward_spec(ct, d, dq, wgs, bm, use_tma, overlap) for ct in cts
                       for d in SM90_HEAD_DIMS for (wgs, bm) in BWD_TILES[d]
                       for dq in ((0, 1, 2, 3, 4) if d == 64 else (0, 1, 3, 4)) for use_tma in (True, False)

@@ -26,9 +26,6 @@
 #include "sm90.cuh"
 using namespace cattn;
 
-#ifndef CATTN_EXP_POLY
-#define CATTN_EXP_POLY 0   // k > 0: every k-th exponential of a common tile by poly_exp2 (FMA pipes)
-#endif
 #ifndef CATTN_DIAG
 #define CATTN_DIAG 0   // phase probe (benchmarks/phase_probe.py): bits leave stages out; results wrong
 #endif
@@ -171,13 +168,7 @@ attn_fwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
             float x = fmaf(s[i], c_scale, off);
             if (CHECK == 1 && (col >= J || (causal && col > row + (J - I)))) x = -INFINITY;
             if (CHECK == 2 && !key_visible(mask_b, row, col, I, J, causal)) x = -INFINITY;
-            // Common tiles (no bias, no per-key test) send every CATTN_EXP_POLY-th exponential
-            // to the FMA pipes; x then lies in the fixed-shift window, where poly_exp2 is valid.
-            constexpr bool POLY_OK = CATTN_EXP_POLY > 0;
-            if (POLY_OK && !HAS_BIAS && CHECK == 0 && i % (POLY_OK ? CATTN_EXP_POLY : 1) == CATTN_EXP_POLY - 1)
-                s[i] = (CATTN_DIAG & 2) ? x : poly_exp2(x);
-            else
-                s[i] = (CATTN_DIAG & 2) ? x : fast_exp2(x);
+            s[i] = (CATTN_DIAG & 2) ? x : fast_exp2(x);
         }
     };
     auto softmax_exp = [&](float (&s)[BN / 2], int tile) {

@@ -98,21 +98,6 @@ __device__ __forceinline__ float fast_exp2(float x) {
     return y;
 }
 
-// exp2 on the FMA pipes, for a share of the forward's exponentials, so that MUFU (16 per clock
-// per SM, against 128 FMAs) is not the tile's bottleneck at d = 64. Adding 1.5 * 2^23 rounds x to
-// an integer n in the low mantissa bits; 2^(x - n), x - n in [-0.5, 0.5], is a degree-3 minimax
-// polynomial (relative error 7.5e-5, below a 16-bit P's rounding), and n goes into the exponent
-// field. Valid for -126 < x < 128: no clamp, the callers' window (a fixed shift, no bias, no
-// hidden key) keeps |x| below 87. A NaN x stays NaN (n's bits shift out of the word).
-__device__ __forceinline__ float poly_exp2(float x) {
-    const float j = x + 12582912.f;                 // 1.5 * 2^23
-    const float f = x - (j - 12582912.f);
-    float p = fmaf(0.0551716685f, f, 0.2426111251f);
-    p = fmaf(p, f, 0.6932609677f);
-    p = fmaf(p, f, 0.9999280572f);
-    return __int_as_float(__float_as_int(p) + (__float_as_int(j) << 23));
-}
-
 __device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);

@@ -6,8 +6,7 @@ from cupy_cosine_attn import hopper_launch as hl
 KNOBS = ("CUPY_COSINE_ATTN_SM90_BN", "CUPY_COSINE_ATTN_SM90_WGS", "CUPY_COSINE_ATTN_SM90_QREG",
          "CUPY_COSINE_ATTN_SM90_TMA", "CUPY_COSINE_ATTN_SM90_RELEASE", "CUPY_COSINE_ATTN_SM90_WS",
          "CUPY_COSINE_ATTN_SM90_BWD_WGS", "CUPY_COSINE_ATTN_SM90_BWD_BM", "CUPY_COSINE_ATTN_SM90_DQ",
-         "CUPY_COSINE_ATTN_SM90_BWD_OVERLAP", "CUPY_COSINE_ATTN_SM90_STAGGER",
-         "CUPY_COSINE_ATTN_SM90_EXP_POLY")
+         "CUPY_COSINE_ATTN_SM90_BWD_OVERLAP", "CUPY_COSINE_ATTN_SM90_STAGGER")
 SMEM_PER_BLOCK = 227 * 1024          # sm_90 opt-in maximum of dynamic shared memory per block
 
 
@@ -270,58 +269,3 @@ def test_backward_gets_row_statistics_in_place_of_lse_and_delta(monkeypatch, row
         args = launched[-1]
         assert len(args) == 24 + 3 + 1
         assert [a for a in args if isinstance(a, str)] == ["STATS"] and args[4] == "STATS"
-
-
-def test_exp_poly_knob_is_a_compile_option_of_the_lean_forward(monkeypatch):
-    assert hl.forward_spec("__half", 64).options == ()              # default: all exponentials on MUFU
-    monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_EXP_POLY", "4")
-    lean = hl.forward_spec("__half", 64)
-    assert lean.options == ("-DCATTN_EXP_POLY=4",) and lean.is_hopper
-    assert lean.key("sm_90a") != hl.forward_spec("__half", 64, exp_poly=0).key("sm_90a")
-    # the bias/mask copy has no common tiles: the same kernel whatever the knob says
-    assert hl.forward_spec("__half", 64, bias_mask=True).options == ()
-    assert hl.forward_spec("__half", 64, bias_mask=True, exp_poly=2).options == ()
-    # the compile check covers both shares on the default layouts of the tuned head dims
-    compiled = {(s.name, s.options) for s in hl.specs()}
-    for ct in ("__half", "__nv_bfloat16"):
-        for d in hl.TUNED_HEAD_DIMS:
-            for share in (2, 4):
-                spec = hl.forward_spec(ct, d, exp_poly=share)
-                assert spec.options == (f"-DCATTN_EXP_POLY={share}",)
-                assert (spec.name, spec.options) in compiled
-    monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_EXP_POLY", "3")
-    with pytest.raises(ValueError, match="CUPY_COSINE_ATTN_SM90_EXP_POLY"):
-        hl.forward_spec("__half", 64)
-
-
-def _poly_exp2_from_source():
-    """kernels/tile.cuh poly_exp2's constants, as written there."""
-    import re
-    from cupy_cosine_attn.kernel_build import read_source
-    body = read_source("tile.cuh").split("float poly_exp2(float x)")[1].split("\n}")[0]
-    shift = float(re.search(r"x \+ ([0-9.]+)f", body).group(1))
-    coeffs = [float(c) for c in re.findall(r"fmaf\([^;]*?(-?0\.[0-9]+)f\)", body)]
-    first = float(re.search(r"fmaf\((-?0\.[0-9]+)f, f,", body).group(1))
-    return shift, [first] + coeffs
-
-
-def test_poly_exp2_in_the_source_is_accurate_over_the_fixed_shift_window():
-    import numpy as np
-    shift, (c3, c2, c1, c0) = _poly_exp2_from_source()
-    assert shift == 1.5 * 2 ** 23
-    x = np.linspace(-87.0, 15.0, 400_001).astype(np.float32)
-    # the kernel's steps in float32: round to an integer through the shifted add, the polynomial
-    # on the remainder, the integer added into the exponent field
-    j = (x + np.float32(shift)).astype(np.float32)
-    f = (x - (j - np.float32(shift))).astype(np.float32)
-    assert np.abs(f).max() <= 0.5
-    p = np.float32(c3) * f + np.float32(c2)
-    p = p * f + np.float32(c1)
-    p = p * f + np.float32(c0)
-    bits = p.astype(np.float32).view(np.int32) + (j.view(np.int32) << 23)
-    y = bits.view(np.float32).astype(np.float64)
-    rel = np.abs(y / np.exp2(x.astype(np.float64)) - 1.0)
-    assert rel.max() < 1e-4, rel.max()
-    # a NaN logit stays NaN
-    jn = np.float32(np.nan) + np.float32(shift)
-    assert np.isnan((np.float32(np.nan).view(np.int32) + (np.array(jn).view(np.int32) << 23)).view(np.float32))
