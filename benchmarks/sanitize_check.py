@@ -18,7 +18,8 @@ def main():
         # the 4th to 8th span several key and query tiles (the Hopper kernels' stage rings; the
         # 6th runs the forward copy built for a bias at 128-key tiles; the 7th and 8th, without a
         # key mask, the warp-specialised d = 128 forward at both tile shapes, and refill every
-        # stage of its 3-stage ring and of the d = 128 backward's more than once);
+        # stage of its 3-stage ring and of the d = 128 backward's more than once; the 9th the
+        # d = 64 forward with three consumer warpgroups, a partial last query tile included);
         # d = 256 runs the Hopper kernels at d = 256 (the second: several query tiles per key
         # tile, both column-half warpgroups of the backward, the bias gradient); d = 24 and d = 96 with 4 groups reach the
         # normalisation passes with idle lanes and their one-warp-per-row fallback
@@ -30,6 +31,7 @@ def main():
                                                             (128, False, "full", False, 2, 150, 300, 1, True),
                                                             (128, False, None, False, 1, 450, 700, 1, False),
                                                             (128, True, None, False, 2, 200, 333, 1, False),
+                                                            (64, False, None, False, 2, 450, 700, 1, False),
                                                             (256, True, None, False, 2, 150, 200, 1, True),
                                                             (256, False, "heads", False, 1, 150, 300, 1, False),
                                                             (24, False, None, False, 2, 70, 90, 1, True),

@@ -23,7 +23,7 @@ SMEM_LIMIT = 227 * 1024                # sm_90 opt-in maximum of dynamic shared 
 # (benchmarks/NOTES.md); each knob takes only the values its kernel template is built for.
 _KNOBS = {
     "CUPY_COSINE_ATTN_SM90_BN": (64, 128),        # forward: keys per tile
-    "CUPY_COSINE_ATTN_SM90_WGS": (1, 2),          # forward: warpgroups (64 query rows each)
+    "CUPY_COSINE_ATTN_SM90_WGS": (1, 2, 3),       # forward: warpgroups (64 query rows each)
     "CUPY_COSINE_ATTN_SM90_QREG": (0, 1),         # forward: Q in registers for QK^T
     "CUPY_COSINE_ATTN_SM90_TMA": (0, 1),          # tiles by TMA (else cp.async): fwd K/V, bwd Q/dO
     "CUPY_COSINE_ATTN_SM90_RELEASE": (0, 1),      # forward with TMA: per-stage release, no CTA barrier
@@ -73,6 +73,19 @@ def sm90_wgs(d, j=None, causal=False):
                  1 if d == 64 or _small_causal(d, j, causal) else 2)   # d = 256: two
 
 
+def sm90_ws_wgs(d, wgs=None, ws=1):
+    """Consumer warpgroups of the warp-specialised forward `ws`: 3 at d = 64 (192 query rows
+    share each K/V tile; each consumer gets 160 registers), else 2 (240 registers each), and
+    always 2 for ping-pong (ws = 2); `wgs` or CUPY_COSINE_ATTN_SM90_WGS overrides (at least 2)."""
+    if wgs is None:
+        wgs = _knob("CUPY_COSINE_ATTN_SM90_WGS", 3 if d == 64 and ws != 2 else 2)
+    wgs = max(2, wgs)
+    if ws == 2 and wgs != 2:
+        raise ValueError(f"the ping-pong forward (CUPY_COSINE_ATTN_SM90_WS=2) takes two consumer "
+                         f"warpgroups, not {wgs}")
+    return wgs
+
+
 def sm90_enabled():
     return os.environ.get("CUPY_COSINE_ATTN_SM90", "1") != "0"
 
@@ -109,15 +122,16 @@ def sm90_release(d, wgs):
     return bool(_knob("CUPY_COSINE_ATTN_SM90_RELEASE", 1 if d == 128 and wgs == 2 else 0))
 
 
-def sm90_ws(d, bias_mask=False):
-    """Warp-specialised forward: 1 = a producer warpgroup issuing the TMA copies in front of two
-    consumer warpgroups (implies TMA, stage release and two warpgroups); 2 = the same with the
-    consumers taking turns to issue their matrix products (ping-pong); 0 = off. Default: 1 at
-    d = 128 for calls without a bias or mask (measured fastest there through the package,
-    benchmarks/NOTES.md, v7; its bias/mask copy spills under the 168 registers ptxas gives the
-    consumers), unless the warpgroup or TMA knob asks for a layout it does not have."""
+def sm90_ws(d, bias_mask=False, causal=False):
+    """Warp-specialised forward: 1 = a producer warpgroup issuing the TMA copies in front of
+    sm90_ws_wgs consumer warpgroups (implies TMA and stage release); 2 = two consumers taking
+    turns to issue their matrix products (ping-pong); 0 = off. Default: 1 for calls without a
+    bias or mask at d = 128 (benchmarks/NOTES.md, v7) and at d = 64 without a causal mask, with
+    three consumers (v10), unless the warpgroup or TMA knob asks for a layout it does not have.
+    The bias/mask copies stay off it: they spill under the consumers' register share."""
     own_layout = os.environ.get("CUPY_COSINE_ATTN_SM90_WGS", "").strip() or not sm90_tma(d)
-    return _knob("CUPY_COSINE_ATTN_SM90_WS", 1 if d == 128 and not bias_mask and not own_layout else 0)
+    lean = not bias_mask and not own_layout
+    return _knob("CUPY_COSINE_ATTN_SM90_WS", 1 if lean and (d == 128 or (d == 64 and not causal)) else 0)
 
 
 def sm90_stagger():
@@ -140,7 +154,7 @@ def forward_spec(ctype, d, bn=None, wgs=None, qreg=None, use_tma=None, release=N
     calls with neither leaves their code out, and with it the registers it takes)."""
     ws = sm90_ws(d, bias_mask) if ws is None else ws
     bn = sm90_bn(d) if bn is None else bn
-    wgs = 2 if ws else (sm90_wgs(d) if wgs is None else wgs)
+    wgs = sm90_ws_wgs(d, wgs, ws) if ws else (sm90_wgs(d) if wgs is None else wgs)
     qreg = sm90_qreg(d, bn) if qreg is None else qreg
     use_tma = ws or (sm90_tma(d) if use_tma is None else use_tma)
     release = ws or ((sm90_release(d, wgs) if release is None else release) and use_tma)
@@ -172,9 +186,9 @@ def launch(ctype, d, args, b, h, i, bn=None, wgs=None, qreg=None, use_tma=None, 
     stagger = sm90_stagger()
     j, causal = int(args[14]), int(args[16])
     bias_mask = not (_null(args[3]) and _null(args[4]))
-    ws = sm90_ws(d, bias_mask) if ws is None else ws
+    ws = sm90_ws(d, bias_mask, causal) if ws is None else ws
     bn = sm90_bn(d, j, causal) if bn is None else bn
-    wgs = 2 if ws else (sm90_wgs(d, j, causal) if wgs is None else wgs)
+    wgs = sm90_ws_wgs(d, wgs, ws) if ws else (sm90_wgs(d, j, causal) if wgs is None else wgs)
     use_tma = ws or (sm90_tma(d) if use_tma is None else use_tma)
     smem = forward_smem(d, bn, wgs, ws)
     if smem > SMEM_LIMIT:     # only reachable through the tuning knobs
@@ -331,9 +345,11 @@ def default_specs(ctype, d):
     """The variants calls of this dtype and head dim launch by default (for warm-up)."""
     out = []
     for bias_mask in (False, True):
-        fwd = forward_spec(ctype, d, bias_mask=bias_mask)
-        small = forward_spec(ctype, d, sm90_bn(d, 1, True), sm90_wgs(d, 1, True), bias_mask=bias_mask)
-        out += [fwd] + ([small] if small != fwd else [])
+        for j, causal in ((None, False), (1, True)):      # long calls, short causal calls
+            ws = sm90_ws(d, bias_mask, causal)
+            wgs = sm90_ws_wgs(d, ws=ws) if ws else sm90_wgs(d, j, causal)
+            spec = forward_spec(ctype, d, sm90_bn(d, j, causal), wgs, ws=ws, bias_mask=bias_mask)
+            out += [spec] if spec not in out else []
     return out + [backward_spec(ctype, d)]
 
 
@@ -348,7 +364,10 @@ def specs():
            # d = 256: 64-key tiles (the only ones that fit), Q from shared memory
            + [(ct, 256, 64, wgs, False, use_tma, release, 0) for ct in cts
               for wgs in (1, 2) for (use_tma, release) in ((True, False), (True, True), (False, False))])
-    return ([forward_spec(*f, bias_mask=bias_mask) for f in fwd for bias_mask in (False, True)]
+    # three consumers (calls without bias or mask): d = 64, and d = 128 where 64-key tiles fit
+    ws3 = ([forward_spec(ct, 64, bn, 3, qreg, True, True, 1) for ct in cts for bn in (64, 128)
+            for qreg in (True, False)] + [forward_spec(ct, 128, 64, 3, False, True, True, 1) for ct in cts])
+    return ([forward_spec(*f, bias_mask=bias_mask) for f in fwd for bias_mask in (False, True)] + ws3
             + sorted({backward_spec(ct, d, dq, wgs, bm, use_tma, overlap) for ct in cts
                       for d in SM90_HEAD_DIMS for (wgs, bm) in BWD_TILES[d]
                       for dq in ((0, 1, 2, 3, 4) if d == 64 else (0, 1, 3, 4)) for use_tma in (True, False)

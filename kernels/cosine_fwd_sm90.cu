@@ -10,9 +10,11 @@
 // a CTA barrier per key tile, each warp releases a ring stage on an mbarrier when its wgmmas
 // are done with it, and the issuing thread waits for that before refilling it, so warpgroups may
 // drift up to a tile apart (one's exponentials under the other's products). WS (with RELEASE,
-// two consumer warpgroups): warp specialisation, a producer warpgroup in front of the consumers
-// whose thread 0 issues every K/V copy into a 3-stage ring as stages are released, the producer
-// giving its registers to the consumers (setmaxnreg 24 / 240). WS = 2 adds ping-pong: the two
+// two or three consumer warpgroups): warp specialisation, a producer warpgroup in front of the
+// consumers whose thread 0 issues every K/V copy into a 3-stage ring as stages are released, the
+// producer giving its registers to the consumers (setmaxnreg 24 / 240, or 24 / 160 for three:
+// at d = 64 three consumers share each K/V tile, a third of the L2 traffic per product of one
+// 64-row warpgroup per CTA, with as many warpgroups per SM). WS = 2 adds ping-pong: the two
 // consumers take turns to issue their matrix products (named barriers 2 and 3), so one's
 // exponentials run while the tensor cores work through the other's products. Per consumer
 // warpgroup and key tile t:
@@ -44,7 +46,8 @@ attn_fwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     constexpr int BM = 64 * WGS, STAGES = WS ? 3 : 2, THREADS = 128 * WGS;
     constexpr int TILE_Q = BM * D * 2, TILE_KV = BN * D * 2;
     static_assert(TMA || !RELEASE, "stage release needs the TMA loads");
-    static_assert(!WS || (RELEASE && WGS == 2), "the producer warpgroup serves two consumers by release");
+    static_assert(!WS || (RELEASE && WGS >= 2), "the producer warpgroup serves its consumers by release");
+    static_assert(WS != 2 || WGS == 2, "ping-pong takes turns between two consumers");
     // Calls without a bias and a key mask run a copy built without their code, whose registers
     // then suffice for the common tiles (the launcher picks BIAS_MASK = true for the others).
     if constexpr (!BIAS_MASK) {
@@ -214,7 +217,8 @@ attn_fwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
             }
             return;
         }
-        setmaxnreg_inc<240>();
+        // the producer's registers go to the consumers: 24 + 2 x 240 or 24 + 3 x 160 per lane (of 512)
+        setmaxnreg_inc<WGS == 2 ? 240 : 160>();
     }
     // Q by the consumer threads (cp.async, once); without WS thread 0 starts the K/V ring too.
     load_tile_sw128<BM, D, THREADS>(reinterpret_cast<T*>(sQ), qb, I - m0);

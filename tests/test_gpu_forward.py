@@ -3,7 +3,6 @@
 fp32 must reach 1e-5 relative-norm error; fp16/bf16 no worse than 1.5x the error PyTorch's SDPA
 shows on the same inputs and dtype (same normalised q, k, same scale, same visibility).
 """
-import math
 import os
 
 import pytest
@@ -103,6 +102,30 @@ def test_forward_without_mask_or_bias_at_every_hopper_head_dim(dtype_name, d, ca
 @pytest.mark.parametrize("d", [16, 24, 32, 40, 64, 80, 96, 128, 160, 192, 256])
 def test_forward_head_dims(dtype_name, d):
     run_case(dtype_name, d, 150, 190, causal=True, mask=True, bias="heads", hk=2)
+
+
+# Forward layouts chosen by the tuning knobs beside the defaults: three consumer warpgroups
+# (192 query rows) with 64-key tiles, Q in registers or not, also at d = 128; the one-warpgroup
+# layout that d = 64 calls without a causal mask ran before v10; the stagger with three consumers.
+LAYOUTS = {
+    "ws3-bn64": (64, dict(WS="1", WGS="3", BN="64")),
+    "ws3-bn64-qsmem": (64, dict(WS="1", WGS="3", BN="64", QREG="0")),
+    "ws3-d128-bn64": (128, dict(WS="1", WGS="3", BN="64")),
+    "one-wg": (64, dict(WS="0")),
+    "ws3-stagger": (64, dict(STAGGER="1")),
+}
+LAYOUT_CASES = [dict(i=1000, j=1000), dict(i=193, j=300, hk=2), dict(i=191, j=1100, causal=True),
+                dict(i=50, j=700)]
+
+
+@pytest.mark.parametrize("dtype_name", ["float16", "bfloat16"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("case", LAYOUT_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_forward_layouts_chosen_by_knobs(monkeypatch, dtype_name, layout, case):
+    d, knobs = LAYOUTS[layout]
+    for name, value in knobs.items():
+        monkeypatch.setenv(f"CUPY_COSINE_ATTN_SM90_{name}", value)
+    run_case(dtype_name, d, **case)
 
 
 # (d, groups) reaching each layout of the normalisation passes (gpu_launch.row_v8_layout):

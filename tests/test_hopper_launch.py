@@ -32,7 +32,9 @@ def bwd_args(h=1, i=64):
 
 
 def test_default_variants_are_the_measured_ones():
-    assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 128, 1, false, true, false, 0, false>"
+    # d = 64 without a causal mask: three consumer warpgroups behind a producer (192 query rows)
+    assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 128, 3, false, true, true, 1, false>"
+    assert hl.sm90_ws(64, causal=True) == 0 and hl.sm90_ws(64, bias_mask=True) == 0
     # d = 128: the warp-specialised forward (producer warpgroup, stage release)
     assert hl.forward_spec("__nv_bfloat16", 128).name == "attn_fwd_wgmma<128, __nv_bfloat16, 128, 2, false, true, true, 1, false>"
     # dQ by TMA reduce-add at d = 128 (overlap 2), vector reductions at d = 64 (128-query tiles, overlap 1)
@@ -41,7 +43,7 @@ def test_default_variants_are_the_measured_ones():
 
 
 def test_warp_specialisation_default_covers_d128_calls_without_bias_or_mask(monkeypatch):
-    assert hl.sm90_ws(128) == 1 and hl.sm90_ws(64) == 0 and hl.sm90_ws(256) == 0
+    assert hl.sm90_ws(128) == 1 and hl.sm90_ws(64) == 1 and hl.sm90_ws(256) == 0
     # the bias/mask copy stays on the CTA-barrier forward (it spills under the WS register cap)
     assert hl.forward_spec("__half", 128, bias_mask=True).name == \
         "attn_fwd_wgmma<128, __half, 128, 2, false, true, true, 0, true>"
@@ -89,7 +91,11 @@ def test_short_causal_calls_at_d128_use_the_small_tiles(monkeypatch):
                      "attn_fwd_wgmma<128, __half, 128, 2, false, true, true, 0, true>",
                      "attn_fwd_wgmma<128, __half, 64, 1, true, true, false, 0, true>",
                      "attn_bwd_wgmma<128, __half, 3, 2, 64, true, 2>"]
-    assert len(hl.default_specs("__half", 64)) == 3
+    # d = 64: three consumers without a causal mask, one warpgroup (two CTAs per SM) with one
+    assert [s.name for s in hl.default_specs("__half", 64)][:2] == [
+        "attn_fwd_wgmma<64, __half, 128, 3, false, true, true, 1, false>",
+        "attn_fwd_wgmma<64, __half, 128, 1, false, true, false, 0, false>"]
+    assert len(hl.default_specs("__half", 64)) == 4
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_BN", "128")     # a knob wins over the shape rule
     assert hl.sm90_bn(128, 2048, True) == 128
 
@@ -105,6 +111,8 @@ def test_every_default_is_among_the_compiled_variants():
 
 def test_knobs_select_variants(monkeypatch):
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_BN", "64")      # 64-key tiles: Q in registers
+    assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 64, 3, true, true, true, 1, false>"
+    monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_WS", "0")       # the layout for causal calls
     assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 64, 1, true, true, false, 0, false>"
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_QREG", "0")
     assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 64, 1, false, true, false, 0, false>"
@@ -112,9 +120,17 @@ def test_knobs_select_variants(monkeypatch):
     assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 64, 1, false, true, true, 0, false>"
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_TMA", "0")      # stage release needs TMA: ignored
     assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 64, 1, false, false, false, 0, false>"
-    monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_WS", "1")       # implies TMA, release, two consumers
+    monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_WS", "1")       # implies TMA, release, three consumers at d = 64
+    assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 64, 3, false, true, true, 1, false>"
+    assert hl.forward_spec("__half", 128).name == "attn_fwd_wgmma<128, __half, 64, 2, false, true, true, 1, false>"
+    monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_WGS", "2")
     assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 64, 2, false, true, true, 1, false>"
-    monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_WS", "2")       # plus ping-pong
+    monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_WGS", "3")
+    assert hl.forward_spec("__half", 128).name == "attn_fwd_wgmma<128, __half, 64, 3, false, true, true, 1, false>"
+    monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_WS", "2")       # ping-pong: two consumers only
+    with pytest.raises(ValueError, match="two consumer warpgroups, not 3"):
+        hl.forward_spec("__half", 64)
+    monkeypatch.delenv("CUPY_COSINE_ATTN_SM90_WGS")
     assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 64, 2, false, true, true, 2, false>"
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_BWD_WGS", "1")
     monkeypatch.setenv("CUPY_COSINE_ATTN_SM90_DQ", "0")
@@ -142,6 +158,7 @@ def test_bad_knob_values_are_refused_by_name(monkeypatch, name, value):
     if name != "CUPY_COSINE_ATTN_SM90_STAGGER":
         with pytest.raises(ValueError, match=name):      # a knob of either kernel's variant
             hl.forward_spec("__half", 64)
+            hl.forward_spec("__half", 64, ws=0)         # the knobs the warp-specialised layout fixes
             hl.backward_spec("__half", 64)
     else:                                            # a launch argument of both: refused before launching
         fwd_args = (None,) * 12 + (np.int32(1), np.int32(1), np.int32(64), np.int32(0), np.int32(0))
@@ -174,12 +191,44 @@ def test_stagger_is_a_launch_argument_of_both_kernels(monkeypatch):
     assert all(isinstance(a, np.int32) for a in launched)
 
 
+def test_d64_forward_launch_layouts(monkeypatch):
+    """Without a causal mask, bias or key mask: 192 query rows per CTA, a producer and three
+    consumer warpgroups (512 threads); otherwise one 64-row warpgroup per CTA."""
+    import numpy as np
+    from types import SimpleNamespace
+    launched = []
+
+    class Fn:
+        def __call__(self, grid, block, args, shared_mem=0):
+            launched.append((name, grid, block, shared_mem))
+
+    def get_function(spec):
+        nonlocal name
+        name = spec.name
+        return Fn()
+    name = None
+    monkeypatch.setattr(hl, "get_function", get_function)
+    monkeypatch.setattr(hl.tma, "rows_map", lambda *a: "MAP")      # no driver here
+    kv = SimpleNamespace(data=SimpleNamespace(ptr=0))
+    for causal, bias in ((0, 0), (1, 0), (0, 8)):
+        args = ((None, kv, kv, np.uint64(bias), np.uint64(0)) + (None,) * 7
+                + (np.int32(2), np.int32(1000), np.int32(1000), np.int32(64), np.int32(causal)))
+        hl.launch("__half", 64, args, 2, 4, 1000)
+    assert launched[0] == ("attn_fwd_wgmma<64, __half, 128, 3, false, true, true, 1, false>",
+                           (2 * 4 * 6,), (512,), hl.forward_smem(64, 128, 3, ws=True))
+    assert launched[1][0] == "attn_fwd_wgmma<64, __half, 128, 1, false, true, false, 0, false>"
+    assert launched[1][1:3] == ((2 * 4 * 16,), (128,))
+    assert launched[2][0] == "attn_fwd_wgmma<64, __half, 128, 1, false, true, false, 0, true>"
+
+
 def test_every_variant_fits_in_shared_memory():
     for d in hl.TUNED_HEAD_DIMS:
         for bn in (64, 128):
             for wgs in (1, 2):
                 assert hl.forward_smem(d, bn, wgs) <= SMEM_PER_BLOCK, (d, bn, wgs)
             assert hl.forward_smem(d, bn, 2, ws=True) <= SMEM_PER_BLOCK, (d, bn, "ws")
+        assert hl.forward_smem(d, 64, 3, ws=True) <= SMEM_PER_BLOCK, (d, "ws3")
+    assert hl.forward_smem(64, 128, 3, ws=True) <= SMEM_PER_BLOCK
     for d in hl.SM90_HEAD_DIMS:
         for wgs, bm in hl.BWD_TILES[d]:
             for overlap in (0, 1, 2):

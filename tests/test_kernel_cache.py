@@ -508,9 +508,9 @@ def test_warmup_with_arch_compiles_without_gpu(cache, nvrtc_calls, capsys, monke
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     lines = [ln for ln in out.splitlines() if ln.startswith("[")]
-    # 14 portable variants compile; the 3 Hopper-only ones are listed as skipped for sm_80
-    assert len(lines) == 17 and lines[0].startswith("[1/17] l2norm_rows<__half> sm_80 ")
-    assert lines[13].startswith("[14/17] attn_bwd_q_mma<64, __half> sm_80 ")
+    # 14 portable variants compile; the 4 Hopper-only ones are listed as skipped for sm_80
+    assert len(lines) == 18 and lines[0].startswith("[1/18] l2norm_rows<__half> sm_80 ")
+    assert lines[13].startswith("[14/18] attn_bwd_q_mma<64, __half> sm_80 ")
     assert all(ln.endswith(" s") for ln in lines[:14])
     assert all("wgmma" in ln and "skip" in ln for ln in lines[14:])
     assert len(nvrtc_calls) == 14 and kb.cache_stats()["entries"] == 14
@@ -529,8 +529,9 @@ def test_warmup_with_arch_compiles_without_gpu(cache, nvrtc_calls, capsys, monke
 def test_warmup_sm90a_compiles_what_a_hopper_gpu_loads(cache, nvrtc_calls, capsys):
     assert cli.main(["warmup", "--arch", "sm_90a", "--dims", "64", "--dtypes", "bf16"]) == 0
     out = capsys.readouterr().out
-    assert "[1/17] l2norm_rows<__nv_bfloat16> sm_90 " in out
+    assert "[1/18] l2norm_rows<__nv_bfloat16> sm_90 " in out
     assert "attn_fwd_wgmma<64, __nv_bfloat16, 128, 1, false, true, false, 0, false> sm_90a " in out   # Hopper-only
+    assert "attn_fwd_wgmma<64, __nv_bfloat16, 128, 3, false, true, true, 1, false> sm_90a " in out
     assert {tuple(a) for _, a in nvrtc_calls} == {("-arch=sm_90",), ("-arch=sm_90a",)}
     for spec in cli.warmup_specs(["bfloat16"], [64]):
         assert kb.lookup(spec, kb.device_arch(spec, "90")) is not None
@@ -543,7 +544,7 @@ def test_warmup_jobs_skip_hopper_variants_off_hopper():
         (SPEC.name, "sm_80", "sm_80"), ("wgmma<64>", None, "sm_80"),
         (SPEC.name, "sm_90", "sm_90a"), ("wgmma<64>", "sm_90a", "sm_90a")]
     specs = cli.warmup_specs(["float16", "bfloat16"], [64, 128])
-    assert len(specs) == len(set(specs)) == 53         # 37 portable + 16 Hopper-only
+    assert len(specs) == len(set(specs)) == 55         # 37 portable + 18 Hopper-only
 
 
 def test_warmup_arguments(capsys, monkeypatch):
