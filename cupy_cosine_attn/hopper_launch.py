@@ -122,16 +122,24 @@ def sm90_release(d, wgs):
     return bool(_knob("CUPY_COSINE_ATTN_SM90_RELEASE", 1 if d == 128 and wgs == 2 else 0))
 
 
-def sm90_ws(d, bias_mask=False, causal=False):
+# d = 64 calls without a causal mask with at least this many keys run the warp-specialised
+# forward with three consumers: +13-15% at n = 16384, level at 4096, 3-5% slower at 2048
+# (benchmarks/NOTES.md, v10), where one 64-row warpgroup per CTA keeps more CTAs per head.
+WS3_MIN_KEYS = 4096
+
+
+def sm90_ws(d, bias_mask=False, causal=False, j=None):
     """Warp-specialised forward: 1 = a producer warpgroup issuing the TMA copies in front of
     sm90_ws_wgs consumer warpgroups (implies TMA and stage release); 2 = two consumers taking
     turns to issue their matrix products (ping-pong); 0 = off. Default: 1 for calls without a
-    bias or mask at d = 128 (benchmarks/NOTES.md, v7) and at d = 64 without a causal mask, with
-    three consumers (v10), unless the warpgroup or TMA knob asks for a layout it does not have.
-    The bias/mask copies stay off it: they spill under the consumers' register share."""
+    bias or mask at d = 128 (benchmarks/NOTES.md, v7) and at d = 64 without a causal mask from
+    WS3_MIN_KEYS keys on (j = None: a long call), with three consumers (v10), unless the
+    warpgroup or TMA knob asks for a layout it does not have. The bias/mask copies stay off it:
+    they spill under the consumers' register share."""
     own_layout = os.environ.get("CUPY_COSINE_ATTN_SM90_WGS", "").strip() or not sm90_tma(d)
     lean = not bias_mask and not own_layout
-    return _knob("CUPY_COSINE_ATTN_SM90_WS", 1 if lean and (d == 128 or (d == 64 and not causal)) else 0)
+    long64 = d == 64 and not causal and (j is None or j >= WS3_MIN_KEYS)
+    return _knob("CUPY_COSINE_ATTN_SM90_WS", 1 if lean and (d == 128 or long64) else 0)
 
 
 def sm90_stagger():
@@ -186,7 +194,7 @@ def launch(ctype, d, args, b, h, i, bn=None, wgs=None, qreg=None, use_tma=None, 
     stagger = sm90_stagger()
     j, causal = int(args[14]), int(args[16])
     bias_mask = not (_null(args[3]) and _null(args[4]))
-    ws = sm90_ws(d, bias_mask, causal) if ws is None else ws
+    ws = sm90_ws(d, bias_mask, causal, j) if ws is None else ws
     bn = sm90_bn(d, j, causal) if bn is None else bn
     wgs = sm90_ws_wgs(d, wgs, ws) if ws else (sm90_wgs(d, j, causal) if wgs is None else wgs)
     use_tma = ws or (sm90_tma(d) if use_tma is None else use_tma)
@@ -346,7 +354,7 @@ def default_specs(ctype, d):
     out = []
     for bias_mask in (False, True):
         for j, causal in ((None, False), (1, True)):      # long calls, short causal calls
-            ws = sm90_ws(d, bias_mask, causal)
+            ws = sm90_ws(d, bias_mask, causal, j)
             wgs = sm90_ws_wgs(d, ws=ws) if ws else sm90_wgs(d, j, causal)
             spec = forward_spec(ctype, d, sm90_bn(d, j, causal), wgs, ws=ws, bias_mask=bias_mask)
             out += [spec] if spec not in out else []

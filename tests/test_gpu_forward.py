@@ -105,17 +105,26 @@ def test_forward_head_dims(dtype_name, d):
 
 
 # Forward layouts chosen by the tuning knobs beside the defaults: three consumer warpgroups
-# (192 query rows) with 64-key tiles, Q in registers or not, also at d = 128; the one-warpgroup
-# layout that d = 64 calls without a causal mask ran before v10; the stagger with three consumers.
+# (192 query rows; the d = 64 default from 4096 keys on, which these short cases reach only by
+# the knob) with 128- and 64-key tiles, Q in registers or not, also at d = 128; the one-warpgroup
+# layout (the d = 64 default below 4096 keys); the stagger with three consumers.
 LAYOUTS = {
+    "ws3": (64, dict(WS="1")),
     "ws3-bn64": (64, dict(WS="1", WGS="3", BN="64")),
     "ws3-bn64-qsmem": (64, dict(WS="1", WGS="3", BN="64", QREG="0")),
     "ws3-d128-bn64": (128, dict(WS="1", WGS="3", BN="64")),
     "one-wg": (64, dict(WS="0")),
-    "ws3-stagger": (64, dict(STAGGER="1")),
+    "ws3-stagger": (64, dict(WS="1", STAGGER="1")),
 }
 LAYOUT_CASES = [dict(i=1000, j=1000), dict(i=193, j=300, hk=2), dict(i=191, j=1100, causal=True),
                 dict(i=50, j=700)]
+
+
+@pytest.mark.parametrize("dtype_name", ["float16", "bfloat16"])
+def test_d64_forward_with_many_keys_takes_three_consumers_by_default(dtype_name):
+    from cupy_cosine_attn import hopper_launch
+    assert hopper_launch.sm90_ws(64, causal=False, j=4100) == 1
+    run_case(dtype_name, 64, 400, 4100, hk=2)
 
 
 @pytest.mark.parametrize("dtype_name", ["float16", "bfloat16"])

@@ -192,8 +192,8 @@ def test_stagger_is_a_launch_argument_of_both_kernels(monkeypatch):
 
 
 def test_d64_forward_launch_layouts(monkeypatch):
-    """Without a causal mask, bias or key mask: 192 query rows per CTA, a producer and three
-    consumer warpgroups (512 threads); otherwise one 64-row warpgroup per CTA."""
+    """Without a causal mask, bias or key mask, from 4096 keys on: 192 query rows per CTA, a
+    producer and three consumer warpgroups (512 threads); otherwise one 64-row warpgroup per CTA."""
     import numpy as np
     from types import SimpleNamespace
     launched = []
@@ -210,15 +210,18 @@ def test_d64_forward_launch_layouts(monkeypatch):
     monkeypatch.setattr(hl, "get_function", get_function)
     monkeypatch.setattr(hl.tma, "rows_map", lambda *a: "MAP")      # no driver here
     kv = SimpleNamespace(data=SimpleNamespace(ptr=0))
-    for causal, bias in ((0, 0), (1, 0), (0, 8)):
+    for causal, bias, j in ((0, 0, 4096), (1, 0, 4096), (0, 8, 4096), (0, 0, 4095)):
         args = ((None, kv, kv, np.uint64(bias), np.uint64(0)) + (None,) * 7
-                + (np.int32(2), np.int32(1000), np.int32(1000), np.int32(64), np.int32(causal)))
+                + (np.int32(2), np.int32(1000), np.int32(j), np.int32(64), np.int32(causal)))
         hl.launch("__half", 64, args, 2, 4, 1000)
     assert launched[0] == ("attn_fwd_wgmma<64, __half, 128, 3, false, true, true, 1, false>",
                            (2 * 4 * 6,), (512,), hl.forward_smem(64, 128, 3, ws=True))
     assert launched[1][0] == "attn_fwd_wgmma<64, __half, 128, 1, false, true, false, 0, false>"
     assert launched[1][1:3] == ((2 * 4 * 16,), (128,))
     assert launched[2][0] == "attn_fwd_wgmma<64, __half, 128, 1, false, true, false, 0, true>"
+    # fewer keys than WS3_MIN_KEYS: the one-warpgroup layout (measured faster there)
+    assert hl.WS3_MIN_KEYS == 4096
+    assert launched[3][0] == launched[1][0] and launched[3][1:3] == ((2 * 4 * 16,), (128,))
 
 
 def test_every_variant_fits_in_shared_memory():
