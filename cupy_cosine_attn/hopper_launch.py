@@ -126,19 +126,23 @@ def sm90_release(d, wgs):
 # forward with three consumers: +13-15% at n = 16384, level at 4096, 3-5% slower at 2048
 # (benchmarks/NOTES.md, v10), where one 64-row warpgroup per CTA keeps more CTAs per head.
 WS3_MIN_KEYS = 4096
+# With a causal mask, from this many keys on (measured: +3-6% at 12288 keys, +6-7% at 16384,
+# level at 8192 and 7-9% slower at 4096: benchmarks/NOTES.md, v10 and v11).
+WS3_MIN_KEYS_CAUSAL = 12288
 
 
 def sm90_ws(d, bias_mask=False, causal=False, j=None):
     """Warp-specialised forward: 1 = a producer warpgroup issuing the TMA copies in front of
     sm90_ws_wgs consumer warpgroups (implies TMA and stage release); 2 = two consumers taking
     turns to issue their matrix products (ping-pong); 0 = off. Default: 1 for calls without a
-    bias or mask at d = 128 (benchmarks/NOTES.md, v7) and at d = 64 without a causal mask from
-    WS3_MIN_KEYS keys on (j = None: a long call), with three consumers (v10), unless the
+    bias or mask at d = 128 (benchmarks/NOTES.md, v7) and at d = 64 from WS3_MIN_KEYS keys on,
+    WS3_MIN_KEYS_CAUSAL with a causal mask (j = None: a long call), with three consumers (v10,
+    v11), unless the
     warpgroup or TMA knob asks for a layout it does not have. The bias/mask copies stay off it:
     they spill under the consumers' register share."""
     own_layout = os.environ.get("CUPY_COSINE_ATTN_SM90_WGS", "").strip() or not sm90_tma(d)
     lean = not bias_mask and not own_layout
-    long64 = d == 64 and not causal and (j is None or j >= WS3_MIN_KEYS)
+    long64 = d == 64 and (j is None or j >= (WS3_MIN_KEYS_CAUSAL if causal else WS3_MIN_KEYS))
     return _knob("CUPY_COSINE_ATTN_SM90_WS", 1 if lean and (d == 128 or long64) else 0)
 
 
@@ -251,8 +255,9 @@ def sm90_bwd_overlap(d):
     and dS^T under dV (0: S^T and dP^T are waited for together); 2: at d = 128 with TMA loads,
     also dQ is issued before dK and dK left running into the next tile, whose loads move one
     tile earlier into a third stage; at d = 256 with two warpgroups, S^T and dP^T are split
-    between the warpgroups instead of both computing both (kernel: ROLE); elsewhere it runs
-    as 1."""
+    between the warpgroups instead of both computing both (kernel: ROLE); at d = 64 with two
+    warpgroups and 128-query tiles, each tile's dQ is issued at the top of the next (kernel:
+    DEFER); elsewhere it runs as 1."""
     return _knob("CUPY_COSINE_ATTN_SM90_BWD_OVERLAP", 2)
 
 
@@ -268,13 +273,21 @@ def _role_split(d, wgs, overlap):
     return d == 256 and wgs == 2 and overlap == 2
 
 
+def _deferred_dq(d, wgs, bm, overlap):
+    """d = 64, two warpgroups, 128-query tiles, overlap 2: the dQ of each query tile is issued at
+    the top of the next, ahead of its S^T and dP^T, with dS^T double-buffered (the kernel's
+    DEFER)."""
+    return d == 64 and wgs == 2 and bm == 128 and overlap == 2
+
+
 def _bwd_config(d, dq, wgs, bm, use_tma, overlap):
     wgs = sm90_bwd_wgs(d) if wgs is None else wgs
     bm = sm90_bwd_bm(d, wgs) if bm is None else bm
     dq = sm90_dq_mode(d, wgs, bm) if dq is None else dq
     use_tma = sm90_tma(d) if use_tma is None else use_tma
     overlap = int(sm90_bwd_overlap(d) if overlap is None else overlap)
-    if overlap == 2 and not _role_split(d, wgs, overlap) and backward_stages(d, use_tma, overlap) == 2:
+    if (overlap == 2 and not _role_split(d, wgs, overlap) and not _deferred_dq(d, wgs, bm, overlap)
+            and backward_stages(d, use_tma, overlap) == 2):
         overlap = 1      # what the kernel runs where overlap 2 does not apply (one name per kernel)
     if d == 256 and wgs == 2 and dq in (1, 2, 3):
         dq = 4           # no shared memory left to stage dQ in: vector reductions from registers
@@ -307,7 +320,8 @@ def backward_smem(d, wgs, bm, overlap=1, use_tma=True, dq=3):
     bn, stages = backward_keys_per_cta(d, wgs), backward_stages(d, use_tma, overlap)
     staging = 4 * wgs * 16 * 72 * 4 if dq in (1, 2, 3) else 0
     p_tile = bn * bm * 4 if _role_split(d, wgs, overlap) else 0    # P^T handed between warpgroups
-    return (2 * bn * d * 2 + stages * 2 * bm * d * 2 + bn * bm * 2 + p_tile + -(-2 * stages * bm * 4 // 1024) * 1024
+    ds_tiles = 2 if _deferred_dq(d, wgs, bm, overlap) else 1       # dS^T double-buffered
+    return (2 * bn * d * 2 + stages * 2 * bm * d * 2 + ds_tiles * bn * bm * 2 + p_tile + -(-2 * stages * bm * 4 // 1024) * 1024
             + staging + 8 * stages + 1024)
 
 

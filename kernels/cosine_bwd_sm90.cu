@@ -22,6 +22,9 @@
 // dQ slices: d = 128 splits the head dim (warpgroup w: columns 64w.., all 128 keys); d = 64 with
 // BM = 64 splits the keys (warpgroup w: its own 64 keys, all columns). 32 accumulators each.
 // The phases of a tile run one after the other; two CTAs per SM (or two warpgroups) overlap them.
+// d = 64 with 128-query tiles, OVERLAP 2 (DEFER): dQ of tile t is issued at the top of tile t+1
+// and added to global memory while S^T of t+1 runs, with dS^T double-buffered: one CTA barrier
+// per tile instead of two, and the dQ wait no longer closes the tile.
 // (Issuing tile t+1's S^T/dP^T before tile t's gradient products, so the exponentials run under
 // them, was measured no faster at d = 64: benchmarks/NOTES.md.)
 //
@@ -102,6 +105,13 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     constexpr bool REORDER = OVERLAP == 2 && D == 128 && TMA;
     static_assert(!REORDER || (DQ_PARTS == 1 && BM == 64), "one dQ slice per warpgroup, 64-query tiles");
     constexpr int STAGES = REORDER ? 3 : 2;
+    // OVERLAP 2 at d = 64 with 128-query tiles (DEFER): the dQ of tile t is issued at the top of
+    // tile t+1, in front of its S^T and dP^T, and added to global memory while they run, so the
+    // tile needs one CTA barrier instead of two and the dQ products and reductions no longer
+    // close it; dS^T is double-buffered for that (tile t+1 writes one buffer while dQ of tile t
+    // reads the other).
+    constexpr bool DEFER = OVERLAP == 2 && SPLIT_Q;
+    constexpr int DS_BUFS = DEFER ? 2 : 1;
     // The warpgroup that writes the dS^T tile and the bias gradient when both column halves
     // compute dS^T (COL_WGS: warpgroup 0, or the one that alone computes it, 1; one CTA per half:
     // each writes its own tile, the first half the bias gradient).
@@ -117,8 +127,8 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     unsigned char* sV = sK + TILE_KV;
     unsigned char* sQ = sV + TILE_KV;               // STAGES tiles
     unsigned char* sO = sQ + STAGES * TILE_Q;       // dO, STAGES tiles
-    unsigned char* sdS = sO + STAGES * TILE_Q;      // dS^T: keys x queries, sw128
-    float* sP = reinterpret_cast<float*>(sdS + TILE_DS);             // ROLE: P^T, fp32
+    unsigned char* sdS = sO + STAGES * TILE_Q;      // dS^T: keys x queries, sw128 (DS_BUFS tiles)
+    float* sP = reinterpret_cast<float*>(sdS + DS_BUFS * TILE_DS);   // ROLE: P^T, fp32
     float* sLD = sP + (ROLE ? BN * BM : 0);                          // STAGES x (BM lse, BM delta)
     constexpr int LD_FLOATS = (2 * STAGES * BM + 255) / 256 * 256;   // to 1 KiB
     // Shared addresses >> 4 of the wgmma operand tiles, for their descriptors (sw128_desc_at).
@@ -289,10 +299,11 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
             // dS^T to smem, row = local key, column = local query: pairs of queries per store.
             const int kl0 = kwg * 64 + warp * 16 + g, qc0 = kc * 16 + 2 * t;
             if ((CATTN_DIAG & 16) || !writes_ds) continue;
-            *reinterpret_cast<u32*>(sdS + sw128_offset<BN>(kl0, qc0)) = sa[kc][0];
-            *reinterpret_cast<u32*>(sdS + sw128_offset<BN>(kl0 + 8, qc0)) = sa[kc][1];
-            *reinterpret_cast<u32*>(sdS + sw128_offset<BN>(kl0, qc0 + 8)) = sa[kc][2];
-            *reinterpret_cast<u32*>(sdS + sw128_offset<BN>(kl0 + 8, qc0 + 8)) = sa[kc][3];
+            unsigned char* ds = sdS + (it % DS_BUFS) * TILE_DS;
+            *reinterpret_cast<u32*>(ds + sw128_offset<BN>(kl0, qc0)) = sa[kc][0];
+            *reinterpret_cast<u32*>(ds + sw128_offset<BN>(kl0 + 8, qc0)) = sa[kc][1];
+            *reinterpret_cast<u32*>(ds + sw128_offset<BN>(kl0, qc0 + 8)) = sa[kc][2];
+            *reinterpret_cast<u32*>(ds + sw128_offset<BN>(kl0 + 8, qc0 + 8)) = sa[kc][3];
         }
     };
     // The specialised copies for tile `it`; nl, dl as for to_p_as / to_ds_as.
@@ -328,15 +339,16 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
     // dQ = dS K (queries x d; k = keys) over this warpgroup's slice (one commit group); dS^T of
     // the tile must be in smem, fenced, behind a barrier.
     auto dq_slab = [&](int part) { return SPLIT_D ? col_base / 64 + kwg * DQ_PARTS + part : 0; };
-    auto issue_dq = [&](float (&dq)[DQ_N / 2], int part) {
+    auto issue_dq = [&](float (&dq)[DQ_N / 2], int part, int it) {
         const int key_base = (SPLIT_Q || SPLIT_D) ? 0 : wg * 64;   // first key row of the slice
         const int col_slab = dq_slab(part);                        // 64-column slab of K
         const int q_slab = SPLIT_Q ? wg : 0;                       // 64-query slab of dS^T
+        const int ds_at = (it % DS_BUFS) * TILE_DS + q_slab * BN * 128;
         wgmma_fence();
 #pragma unroll
         for (int kc = 0; kc < ((CATTN_DIAG & 1) ? 0 : DQ_KEYS / 16); ++kc) {
             const int kr = key_base + kc * 16;
-            Wgmma<DQ_N, T>::template ss<1, 1>(dq, sw128_desc_at<1024, 1024>(ds4, q_slab * BN * 128 + kr * 128),
+            Wgmma<DQ_N, T>::template ss<1, 1>(dq, sw128_desc_at<1024, 1024>(ds4, ds_at + kr * 128),
                                               sw128_desc_at<BN * 128, 1024>(k4, col_slab * BN * 128 + kr * 128), kc > 0);
         }
         wgmma_commit();
@@ -526,7 +538,7 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
         if (it + 2 < total) load_q_tile(it + 2);
         cp_async_commit();
         float dq[DQ_N / 2];
-        issue_dq(dq, 0);    // its fence also covers the dS^T fragments of dK
+        issue_dq(dq, 0, it);    // its fence also covers the dS^T fragments of dK
         issue_grad(dk, sa, q4, it);
         wgmma_commit();
         wgmma_wait<1>();    // dV and dQ; dK runs on
@@ -534,7 +546,54 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
         pin(dv);
         store_dq(dq, it, 0);
     }
-    for (int it = 0; it < total && !REORDER; ++it) {
+    // DEFER: tile `it`; WITH_DQ (a literal: a wgmma issued on only some trips through one copy
+    // of the code makes ptxas serialise them all, C7514) issues the dQ of tile it-1 first.
+    auto defer_tile = [&](const bool WITH_DQ, int it) {
+        // Every warpgroup is done with tile it-1: its products were waited for (so its stage may
+        // be refilled) and its dS^T is in smem, fenced (so dQ of tile it-1 may read it).
+        cp_async_wait<0>();
+        if (!TMA || it == 0) fence_async_smem();
+        __syncthreads();
+        if (it + 1 < total) load_q_tile(it + 1);
+        cp_async_commit();
+        float st[BM / 2], dpt[BM / 2];
+        if constexpr (TMA) mbar_wait(full + it % STAGES, (it / STAGES) & 1);
+        if (WITH_DQ) {
+            // dQ of tile it-1, then S^T and dP^T; dQ is added to global memory while they run.
+            float dq[DQ_N / 2];
+            issue_dq(dq, 0, it - 1);
+            issue_sdp(st, dpt, it);
+            wgmma_wait<2>();
+            pin(dq);
+            store_dq(dq, it - 1, 0);
+        } else {
+            issue_sdp(st, dpt, it);
+        }
+        u32 pa[BM / 16][4], sa[BM / 16][4];
+        p_then_ds(st, dpt, it, pa, sa, nullptr);
+        // dS^T stores before the next tile's dQ (async proxy) reads them. (Between the commit
+        // and the wait below, this fence crashes ptxas 12.9.)
+        fence_async_smem();
+        wgmma_fence();
+        issue_grad(dk, sa, q4, it);
+        wgmma_commit();
+        wgmma_wait<0>();      // dV and dK read this tile's stage and the A fragments
+        pin(dk);
+        pin(dv);
+        pin(pa);
+        pin(sa);
+    };
+    if (DEFER && total > 0) defer_tile(false, 0);
+    for (int it = 1; it < total && DEFER; ++it) defer_tile(true, it);
+    if (DEFER && total > 0) {   // the last tile's dQ
+        __syncthreads();
+        float dq[DQ_N / 2];
+        issue_dq(dq, 0, total - 1);
+        wgmma_wait<0>();
+        pin(dq);
+        store_dq(dq, total - 1, 0);
+    }
+    for (int it = 0; it < total && !REORDER && !DEFER; ++it) {
         // Tile `it` has landed, and every warpgroup is done with tile it-1 (its wgmmas were
         // waited for), so the other stage and the dS^T tile may be refilled: one barrier per
         // tile here, one for dS^T below. (The fence: for tiles loaded by cp.async; with TMA only
@@ -575,7 +634,7 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
 #pragma unroll
         for (int part = 0; part < DQ_PARTS; ++part) {
             float dq[DQ_N / 2];
-            issue_dq(dq, part);
+            issue_dq(dq, part, it);
             wgmma_wait<0>();
             pin(dq);
             pin(dk);

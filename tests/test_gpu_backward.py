@@ -128,6 +128,25 @@ def test_backward_features_at_d256_in_every_column_layout(monkeypatch, dtype_nam
     run_case(dtype_name, 256, **case)
 
 
+# d = 64 backward layouts (two warpgroups, 128-query tiles): each tile's dQ issued at the top of
+# the next (default), with cp.async loads, with dQ staged for the copy engine; dQ closing its own
+# tile (overlap 1); 64-query tiles; one warpgroup per CTA. The cases walk several query tiles
+# per CTA (both dS^T buffers), across heads (GQA), from a causal diagonal, with bias and mask.
+D64_LAYOUTS = {"deferred-dq": {}, "deferred-dq-cp-async": {"TMA": "0"}, "deferred-dq-tma-add": {"DQ": "3"},
+               "overlap-1": {"BWD_OVERLAP": "1"}, "bm64": {"BWD_BM": "64"}, "one-wg": {"BWD_WGS": "1"}}
+D64_CASES = [dict(i=300, j=700, causal=True, hk=2), dict(i=1000, j=300, hk=2, bias="heads"),
+             dict(i=150, j=150, causal=True, mask=True), dict(i=77, j=200, causal=True)]
+
+
+@pytest.mark.parametrize("dtype_name", ["float16", "bfloat16"])
+@pytest.mark.parametrize("case", D64_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+@pytest.mark.parametrize("layout", list(D64_LAYOUTS))
+def test_backward_features_at_d64_in_every_layout(monkeypatch, dtype_name, case, layout):
+    for name, value in D64_LAYOUTS[layout].items():
+        monkeypatch.setenv(f"CUPY_COSINE_ATTN_SM90_{name}", value)
+    run_case(dtype_name, 64, **case)
+
+
 @pytest.mark.parametrize("dtype_name", ["float16", "bfloat16", "float32"])
 @pytest.mark.parametrize("d", [16, 32, 40, 64, 80, 96, 128, 192, 256])
 def test_backward_head_dims(dtype_name, d):

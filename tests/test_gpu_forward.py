@@ -125,6 +125,9 @@ def test_d64_forward_with_many_keys_takes_three_consumers_by_default(dtype_name)
     from cupy_cosine_attn import hopper_launch
     assert hopper_launch.sm90_ws(64, causal=False, j=4100) == 1
     run_case(dtype_name, 64, 400, 4100, hk=2)
+    # with a causal mask from 12288 keys on (fewer queries than keys: the last rows see them all)
+    assert hopper_launch.sm90_ws(64, causal=True, j=12300) == 1
+    run_case(dtype_name, 64, 300, 12300, causal=True)
 
 
 @pytest.mark.parametrize("dtype_name", ["float16", "bfloat16"])

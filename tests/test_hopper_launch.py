@@ -34,11 +34,17 @@ def bwd_args(h=1, i=64):
 def test_default_variants_are_the_measured_ones():
     # d = 64 without a causal mask: three consumer warpgroups behind a producer (192 query rows)
     assert hl.forward_spec("__half", 64).name == "attn_fwd_wgmma<64, __half, 128, 3, false, true, true, 1, false>"
-    assert hl.sm90_ws(64, causal=True) == 0 and hl.sm90_ws(64, bias_mask=True) == 0
+    assert hl.sm90_ws(64, bias_mask=True) == 0
+    # with a causal mask from WS3_MIN_KEYS_CAUSAL keys (or a long call, j = None); without one
+    # from WS3_MIN_KEYS
+    assert hl.sm90_ws(64, causal=True, j=hl.WS3_MIN_KEYS_CAUSAL - 1) == 0
+    assert hl.sm90_ws(64, causal=True, j=hl.WS3_MIN_KEYS_CAUSAL) == 1 and hl.sm90_ws(64, causal=True) == 1
+    assert hl.sm90_ws(64, j=hl.WS3_MIN_KEYS - 1) == 0 and hl.sm90_ws(64, j=hl.WS3_MIN_KEYS) == 1
     # d = 128: the warp-specialised forward (producer warpgroup, stage release)
     assert hl.forward_spec("__nv_bfloat16", 128).name == "attn_fwd_wgmma<128, __nv_bfloat16, 128, 2, false, true, true, 1, false>"
-    # dQ by TMA reduce-add at d = 128 (overlap 2), vector reductions at d = 64 (128-query tiles, overlap 1)
-    assert hl.backward_spec("__half", 64).name == "attn_bwd_wgmma<64, __half, 4, 2, 128, true, 1>"
+    # dQ by TMA reduce-add at d = 128 (overlap 2), vector reductions at d = 64 (128-query tiles,
+    # overlap 2 there: each tile's dQ issued at the top of the next)
+    assert hl.backward_spec("__half", 64).name == "attn_bwd_wgmma<64, __half, 4, 2, 128, true, 2>"
     assert hl.backward_spec("__nv_bfloat16", 128).name == "attn_bwd_wgmma<128, __nv_bfloat16, 3, 2, 64, true, 2>"
 
 
@@ -67,8 +73,13 @@ def test_backward_overlap_2_takes_a_third_stage_only_where_it_applies():
     # d = 256 with two warpgroups: overlap 2 splits S^T and dP^T between them (a P^T tile more)
     assert hl.backward_spec("__half", 256, overlap=2).name.endswith(", true, 2>")
     assert hl.backward_smem(256, 2, 64, 2, True, 4) == hl.backward_smem(256, 2, 64, 1, True, 4) + 64 * 64 * 4
-    assert hl.backward_spec("__half", 64, overlap=2).name.endswith(", 1>")
+    # d = 64, two warpgroups, 128-query tiles: overlap 2 defers each tile's dQ to the next (a
+    # second dS^T tile), with either loader; other d = 64 tiles run overlap 1
+    assert hl.backward_spec("__half", 64, overlap=2).name.endswith(", true, 2>")
+    assert hl.backward_spec("__half", 64, use_tma=False, overlap=2).name.endswith(", false, 2>")
+    assert hl.backward_smem(64, 2, 128, 2) == hl.backward_smem(64, 2, 128, 1) + 128 * 128 * 2
     assert hl.backward_spec("__half", 64, wgs=1, bm=64, overlap=2).name.endswith(", 1>")
+    assert hl.backward_spec("__half", 64, wgs=2, bm=64, overlap=2).name.endswith(", 1>")
     assert hl.backward_spec("__half", 128, use_tma=False, overlap=2).name.endswith(", false, 1>")
 
 
