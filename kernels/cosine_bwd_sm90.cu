@@ -559,13 +559,19 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
         float st[BM / 2], dpt[BM / 2];
         if constexpr (TMA) mbar_wait(full + it % STAGES, (it / STAGES) & 1);
         if (WITH_DQ) {
-            // dQ of tile it-1, then S^T and dP^T; dQ is added to global memory while they run.
+            // dQ of tile it-1 and S^T, a commit group each; dQ is added to global memory while
+            // S^T runs, and dP^T issued after that (all three in flight at once spill).
             float dq[DQ_N / 2];
             issue_dq(dq, 0, it - 1);
-            issue_sdp(st, dpt, it);
-            wgmma_wait<2>();
+            wgmma_fence();
+            issue_product(st, k4, q4, it);
+            wgmma_commit();
+            wgmma_wait<1>();
             pin(dq);
             store_dq(dq, it - 1, 0);
+            wgmma_fence();
+            issue_product(dpt, v4, o4, it);
+            wgmma_commit();
         } else {
             issue_sdp(st, dpt, it);
         }
