@@ -240,13 +240,16 @@ def sm90_bwd_bm(d, wgs):
     return bm if d == 64 and wgs == 2 else 64
 
 
-def sm90_dq_mode(d, wgs, bm):
+def sm90_dq_mode(d, wgs, bm, overlap=1):
     """How dQ reaches global memory: 0 fp32 atomics, 1 bulk reduce-add per row, 2 per warp block
     of whole rows (only when a warpgroup holds every column, d = 64; else 1), 3 TMA tensor
-    reduce-add of 16 x 32 boxes (the default: benchmarks/NOTES.md, v7), 4 vector reductions of
-    column pairs from registers (no staging in shared memory; the default at d = 64, measured
-    +2% there and -8 to -12% at d = 128, benchmarks/NOTES.md, v8)."""
-    mode = _knob("CUPY_COSINE_ATTN_SM90_DQ", 4 if d == 64 else 3)
+    reduce-add of 16 x 32 boxes (the default: benchmarks/NOTES.md, v7; at d = 64 with the dQ
+    deferred to the next tile, measured +11-12% over mode 4, v11), 4 vector reductions of
+    column pairs from registers (no staging in shared memory; the default for the other d = 64
+    layouts, measured +2% there and -8 to -12% at d = 128, benchmarks/NOTES.md, v8); `overlap`
+    as the kernel runs it."""
+    default = 4 if d == 64 and not _deferred_dq(d, wgs, bm, overlap) else 3
+    mode = _knob("CUPY_COSINE_ATTN_SM90_DQ", default)
     return 1 if mode == 2 and d != 64 else mode
 
 
@@ -283,12 +286,12 @@ def _deferred_dq(d, wgs, bm, overlap):
 def _bwd_config(d, dq, wgs, bm, use_tma, overlap):
     wgs = sm90_bwd_wgs(d) if wgs is None else wgs
     bm = sm90_bwd_bm(d, wgs) if bm is None else bm
-    dq = sm90_dq_mode(d, wgs, bm) if dq is None else dq
     use_tma = sm90_tma(d) if use_tma is None else use_tma
     overlap = int(sm90_bwd_overlap(d) if overlap is None else overlap)
     if (overlap == 2 and not _role_split(d, wgs, overlap) and not _deferred_dq(d, wgs, bm, overlap)
             and backward_stages(d, use_tma, overlap) == 2):
         overlap = 1      # what the kernel runs where overlap 2 does not apply (one name per kernel)
+    dq = sm90_dq_mode(d, wgs, bm, overlap) if dq is None else dq
     if d == 256 and wgs == 2 and dq in (1, 2, 3):
         dq = 4           # no shared memory left to stage dQ in: vector reductions from registers
     return dq, wgs, bm, use_tma, overlap

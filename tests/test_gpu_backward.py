@@ -129,10 +129,10 @@ def test_backward_features_at_d256_in_every_column_layout(monkeypatch, dtype_nam
 
 
 # d = 64 backward layouts (two warpgroups, 128-query tiles): each tile's dQ issued at the top of
-# the next (default), with cp.async loads, with dQ staged for the copy engine; dQ closing its own
+# the next and added by TMA (default), with cp.async loads, by vector reductions; dQ closing its own
 # tile (overlap 1); 64-query tiles; one warpgroup per CTA. The cases walk several query tiles
 # per CTA (both dS^T buffers), across heads (GQA), from a causal diagonal, with bias and mask.
-D64_LAYOUTS = {"deferred-dq": {}, "deferred-dq-cp-async": {"TMA": "0"}, "deferred-dq-tma-add": {"DQ": "3"},
+D64_LAYOUTS = {"deferred-dq": {}, "deferred-dq-cp-async": {"TMA": "0"}, "deferred-dq-vector-red": {"DQ": "4"},
                "overlap-1": {"BWD_OVERLAP": "1"}, "bm64": {"BWD_BM": "64"}, "one-wg": {"BWD_WGS": "1"}}
 D64_CASES = [dict(i=300, j=700, causal=True, hk=2), dict(i=1000, j=300, hk=2, bias="heads"),
              dict(i=150, j=150, causal=True, mask=True), dict(i=77, j=200, causal=True)]

@@ -42,9 +42,11 @@ def test_default_variants_are_the_measured_ones():
     assert hl.sm90_ws(64, j=hl.WS3_MIN_KEYS - 1) == 0 and hl.sm90_ws(64, j=hl.WS3_MIN_KEYS) == 1
     # d = 128: the warp-specialised forward (producer warpgroup, stage release)
     assert hl.forward_spec("__nv_bfloat16", 128).name == "attn_fwd_wgmma<128, __nv_bfloat16, 128, 2, false, true, true, 1, false>"
-    # dQ by TMA reduce-add at d = 128 (overlap 2), vector reductions at d = 64 (128-query tiles,
-    # overlap 2 there: each tile's dQ issued at the top of the next)
-    assert hl.backward_spec("__half", 64).name == "attn_bwd_wgmma<64, __half, 4, 2, 128, true, 2>"
+    # dQ by TMA reduce-add at d = 128 (overlap 2) and at d = 64 (128-query tiles, overlap 2 there:
+    # each tile's dQ issued at the top of the next); vector reductions in the other d = 64 layouts
+    assert hl.backward_spec("__half", 64).name == "attn_bwd_wgmma<64, __half, 3, 2, 128, true, 2>"
+    assert hl.backward_spec("__half", 64, overlap=1).name == "attn_bwd_wgmma<64, __half, 4, 2, 128, true, 1>"
+    assert hl.backward_spec("__half", 64, bm=64).name == "attn_bwd_wgmma<64, __half, 4, 2, 64, true, 1>"
     assert hl.backward_spec("__nv_bfloat16", 128).name == "attn_bwd_wgmma<128, __nv_bfloat16, 3, 2, 64, true, 2>"
 
 
