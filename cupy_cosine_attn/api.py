@@ -103,7 +103,8 @@ def flash_cosine_sim_attention(q, k, v, mask=None, attn_bias=None, scale=8, grou
     """Cosine-similarity attention; drop-in for the original package's function of this name.
 
     torch tensors (CPU or CUDA) get gradients for q, k, v and attn_bias through autograd, via the
-    custom ops in torch_ops (so torch.compile and CUDA graphs see one opaque op).
+    custom ops in torch_ops (so torch.compile and CUDA graphs see one opaque op; eager calls take
+    a leaner path to the same implementation).
     NumPy and CuPy arrays return the output array. `deterministic=True` makes GPU gradients
     bitwise reproducible.
     """
@@ -114,7 +115,5 @@ def flash_cosine_sim_attention(q, k, v, mask=None, attn_bias=None, scale=8, grou
         return _run_forward(problem)[0]
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
-    from .torch_ops import attn_forward
-    out, _ = attn_forward(q, k, v, mask, attn_bias, problem.scale, problem.groups,
-                          problem.causal, problem.l2norm_qk, attn_bias_batch_dim, deterministic)
-    return out
+    from .torch_ops import attention
+    return attention(problem, q, k, v, mask, attn_bias, attn_bias_batch_dim, deterministic)[0]

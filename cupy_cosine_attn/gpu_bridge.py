@@ -39,8 +39,28 @@ def _device_index(problem):
     return int(problem.device.split(":")[1])
 
 
+class _TorchCapsule:
+    """A torch tensor's DLPack capsule (torch.utils.dlpack.to_dlpack) for cupy.from_dlpack,
+    without torch.Tensor.__dlpack__'s Python-side stream handling (tens of microseconds per
+    tensor). That handling only orders the producer's stream before the consumer's; every
+    conversion here runs inside _on_callers_stream, where both are the caller's current stream,
+    so there is nothing to order."""
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+    def __dlpack__(self, stream=None, **kwargs):
+        from torch.utils.dlpack import to_dlpack
+        return to_dlpack(self.tensor)
+
+    def __dlpack_device__(self):
+        return (2, self.tensor.device.index)      # kDLCUDA, device index
+
+
 def _as_cupy(x):
-    """A CuPy view of a torch CUDA tensor or CuPy array (None passes through)."""
+    """A CuPy view of a torch CUDA tensor or CuPy array (None passes through); torch tensors are
+    converted on the caller's current stream (inside _on_callers_stream)."""
     if x is None or type(x).__module__.split(".")[0] == "cupy":
         return x
     import torch
@@ -49,7 +69,7 @@ def _as_cupy(x):
         t = t.view(torch.int16)
     if t.dtype == torch.bool:
         t = t.view(torch.uint8)
-    return _cupy().from_dlpack(t)
+    return _cupy().from_dlpack(_TorchCapsule(t))
 
 
 class _TorchWorkspace(Workspace):
@@ -95,14 +115,31 @@ def _on_callers_stream(problem):
     import torch
     from .gpu_launch import using_workspace
     ws = _TorchWorkspace(torch, cupy, idx)
-    with torch.cuda.device(idx), cupy.cuda.Device(idx), \
+    on_device = torch.cuda.current_device() == idx
+    with (contextlib.nullcontext() if on_device else torch.cuda.device(idx)), cupy.cuda.Device(idx), \
             _external_stream(cupy, torch.cuda.current_stream(idx), idx), \
             cupy.cuda.using_allocator(ws.malloc), using_workspace(ws):
         yield
 
 
+_STREAMS = {}     # (device, stream handle) -> CuPy's view of that torch stream
+
+
 def _external_stream(cupy, torch_stream, idx):
-    """CuPy view of torch's stream (Stream.from_external in CuPy 14; ExternalStream before)."""
+    """CuPy view of torch's stream (Stream.from_external in CuPy 14; ExternalStream before),
+    made once per stream handle: a view holds only the handle, so it stays valid for a stream
+    created later at the same address (CuPy keeps its stream stack per thread, so one view may
+    be entered from several threads)."""
+    key = (idx, torch_stream.cuda_stream)
+    view = _STREAMS.get(key)
+    if view is None:
+        if len(_STREAMS) >= 64:           # programs cycling through many streams
+            _STREAMS.clear()
+        view = _STREAMS[key] = _make_external_stream(cupy, torch_stream, idx)
+    return view
+
+
+def _make_external_stream(cupy, torch_stream, idx):
     from_external = getattr(cupy.cuda.Stream, "from_external", None)
     if from_external is not None:
         try:

@@ -3,6 +3,11 @@
 One op pair serves CPU and CUDA tensors (the implementation dispatches on the device), with fake
 (meta) implementations so torch.compile traces it without a graph break, and autograd registered
 on the forward. Imported only when torch tensors are used.
+
+`attention` is the entry point: eager calls on plain tensors run the same implementation through
+an autograd.Function (`_EagerAttention`), which skips the custom-op dispatcher's per-call Python
+(host time per call: benchmarks/NOTES.md, v12); while torch.compile traces, and for tensor
+subclasses or functorch transforms, the ops run.
 """
 from __future__ import annotations
 
@@ -72,3 +77,49 @@ def _backward(ctx, dout, dlse):
     return (dq, dk, dv, None, (dbias if bias is not None else None)) + (None,) * 6
 
 torch.library.register_autograd(f"{_NS}::forward", _backward, setup_context=_setup_context)
+
+
+_is_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor",
+                      lambda t: False)
+
+
+def _eager(tensors):
+    """True outside torch.compile tracing when every tensor is a plain torch.Tensor (no
+    subclass such as tracing's fake tensors, no functorch wrapper): the calls the
+    autograd.Function serves."""
+    if torch.compiler.is_compiling():
+        return False
+    return all(t is None or (type(t) is torch.Tensor and not _is_wrapped(t)) for t in tensors)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """The custom ops' forward and backward for eager calls, without the op dispatch. (forward
+    takes ctx: the setup_context form binds default arguments through inspect on every call.)"""
+
+    @staticmethod
+    def forward(ctx, problem, args, q, k, v, mask, bias):
+        from .api import _run_forward
+        out, lse = _run_forward(problem)
+        ctx.save_for_backward(q, k, v, mask, bias, out, lse)
+        ctx.args = args
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        from .api import _run_backward
+        q, k, v, mask, bias, out, lse = ctx.saved_tensors
+        *problem_args, deterministic = ctx.args
+        problem = _problem(q, k, v, mask, bias, *problem_args)
+        dq, dk, dv, dbias = _run_backward(problem, dout.contiguous(), out, lse, deterministic)
+        return None, None, dq, dk, dv, None, dbias
+
+
+def attention(problem, q, k, v, mask, bias, bias_batch_dim, deterministic):
+    """(out, lse) of the checked `problem` built from these caller tensors, differentiable in q,
+    k, v and bias."""
+    args = (problem.scale, problem.groups, problem.causal, problem.l2norm_qk, bias_batch_dim,
+            deterministic)
+    if _eager((q, k, v, mask, bias)):
+        return _EagerAttention.apply(problem, args, q, k, v, mask, bias)
+    return attn_forward(q, k, v, mask, bias, *args)

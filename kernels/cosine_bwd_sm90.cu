@@ -546,18 +546,24 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
         pin(dv);
         store_dq(dq, it, 0);
     }
-    // DEFER: tile `it`; WITH_DQ (a literal: a wgmma issued on only some trips through one copy
-    // of the code makes ptxas serialise them all, C7514) issues the dQ of tile it-1 first.
-    auto defer_tile = [&](const bool WITH_DQ, int it) {
-        // Every warpgroup is done with tile it-1: its products were waited for (so its stage may
-        // be refilled) and its dS^T is in smem, fenced (so dQ of tile it-1 may read it).
+    // The top of tile `it` (two stages): a CTA barrier once every warpgroup is done with tile
+    // it-1, the next tile's loads into that tile's stage, then the wait for tile `it` to land.
+    // (The proxy fence: for tiles loaded by cp.async; with TMA only the first, after K and V.)
+    auto begin_tile = [&](int it) {
         cp_async_wait<0>();
         if (!TMA || it == 0) fence_async_smem();
         __syncthreads();
         if (it + 1 < total) load_q_tile(it + 1);
         cp_async_commit();
-        float st[BM / 2], dpt[BM / 2];
         if constexpr (TMA) mbar_wait(full + it % STAGES, (it / STAGES) & 1);
+    };
+    // DEFER: tile `it`; WITH_DQ (a literal: a wgmma issued on only some trips through one copy
+    // of the code makes ptxas serialise them all, C7514) issues the dQ of tile it-1 first.
+    auto defer_tile = [&](const bool WITH_DQ, int it) {
+        // Every warpgroup is done with tile it-1: its products were waited for (so its stage may
+        // be refilled) and its dS^T is in smem, fenced (so dQ of tile it-1 may read it).
+        begin_tile(it);
+        float st[BM / 2], dpt[BM / 2];
         if (WITH_DQ) {
             // dQ of tile it-1 and S^T, a commit group each; dQ is added to global memory while
             // S^T runs, and dP^T issued after that (all three in flight at once spill).
@@ -600,17 +606,10 @@ attn_bwd_wgmma(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
         store_dq(dq, total - 1, 0);
     }
     for (int it = 0; it < total && !REORDER && !DEFER; ++it) {
-        // Tile `it` has landed, and every warpgroup is done with tile it-1 (its wgmmas were
-        // waited for), so the other stage and the dS^T tile may be refilled: one barrier per
-        // tile here, one for dS^T below. (The fence: for tiles loaded by cp.async; with TMA only
-        // the first, after K and V.)
-        cp_async_wait<0>();
-        if (!TMA || it == 0) fence_async_smem();
-        __syncthreads();
-        if (it + 1 < total) load_q_tile(it + 1);
-        cp_async_commit();
+        // Every warpgroup is done with tile it-1 (its wgmmas were waited for), so the other
+        // stage and the dS^T tile may be refilled: one barrier per tile here, one for dS^T below.
+        begin_tile(it);
         float st[BM / 2], dpt[BM / 2];
-        if constexpr (TMA) mbar_wait(full + it % STAGES, (it / STAGES) & 1);
         u32 pa[BM / 16][4], sa[BM / 16][4];
         if constexpr (ROLE) {
             role_tile(st, dpt, it, pa, sa);

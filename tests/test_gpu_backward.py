@@ -128,23 +128,27 @@ def test_backward_features_at_d256_in_every_column_layout(monkeypatch, dtype_nam
     run_case(dtype_name, 256, **case)
 
 
-# d = 64 backward layouts (two warpgroups, 128-query tiles): each tile's dQ issued at the top of
-# the next and added by TMA (default), with cp.async loads, by vector reductions; dQ closing its own
-# tile (overlap 1); 64-query tiles; one warpgroup per CTA. The cases walk several query tiles
-# per CTA (both dS^T buffers), across heads (GQA), from a causal diagonal, with bias and mask.
-D64_LAYOUTS = {"deferred-dq": {}, "deferred-dq-cp-async": {"TMA": "0"}, "deferred-dq-vector-red": {"DQ": "4"},
-               "overlap-1": {"BWD_OVERLAP": "1"}, "bm64": {"BWD_BM": "64"}, "one-wg": {"BWD_WGS": "1"}}
-D64_CASES = [dict(i=300, j=700, causal=True, hk=2), dict(i=1000, j=300, hk=2, bias="heads"),
-             dict(i=150, j=150, causal=True, mask=True), dict(i=77, j=200, causal=True)]
+# Backward layouts (knob values) at d = 64, two warpgroups and 128-query tiles: each tile's dQ
+# issued at the top of the next and added by TMA (default), with cp.async loads, by vector
+# reductions; dQ closing its own tile (overlap 1); 64-query tiles; one warpgroup per CTA. At
+# d = 128: dK left running into the next tile over three stages (default, overlap 2), overlap 1,
+# cp.async loads, vector reductions. The cases walk several query tiles per CTA (both dS^T
+# buffers at d = 64), across heads (GQA), from a causal diagonal, with bias and mask.
+LAYOUTS = {64: {"deferred-dq": {}, "deferred-dq-cp-async": {"TMA": "0"}, "deferred-dq-vector-red": {"DQ": "4"},
+                "overlap-1": {"BWD_OVERLAP": "1"}, "bm64": {"BWD_BM": "64"}, "one-wg": {"BWD_WGS": "1"}},
+           128: {"dk-late": {}, "overlap-1": {"BWD_OVERLAP": "1"}, "cp-async": {"TMA": "0"},
+                 "dq-vector-red": {"DQ": "4"}}}
+LAYOUT_CASES = [dict(i=300, j=700, causal=True, hk=2), dict(i=1000, j=300, hk=2, bias="heads"),
+                dict(i=150, j=150, causal=True, mask=True), dict(i=77, j=200, causal=True)]
 
 
 @pytest.mark.parametrize("dtype_name", ["float16", "bfloat16"])
-@pytest.mark.parametrize("case", D64_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
-@pytest.mark.parametrize("layout", list(D64_LAYOUTS))
-def test_backward_features_at_d64_in_every_layout(monkeypatch, dtype_name, case, layout):
-    for name, value in D64_LAYOUTS[layout].items():
+@pytest.mark.parametrize("case", LAYOUT_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+@pytest.mark.parametrize("d,layout", [(d, name) for d in LAYOUTS for name in LAYOUTS[d]])
+def test_backward_features_in_every_layout(monkeypatch, dtype_name, case, d, layout):
+    for name, value in LAYOUTS[d][layout].items():
         monkeypatch.setenv(f"CUPY_COSINE_ATTN_SM90_{name}", value)
-    run_case(dtype_name, 64, **case)
+    run_case(dtype_name, d, **case)
 
 
 @pytest.mark.parametrize("dtype_name", ["float16", "bfloat16", "float32"])

@@ -52,3 +52,42 @@ def test_deterministic_flag_must_be_bool():
     q, k, v, _, _ = _inputs(bias=False)
     with pytest.raises(TypeError, match="deterministic"):
         ca.flash_cosine_sim_attention(q, k, v, deterministic="yes")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_eager_calls_take_the_function_and_match_the_ops(causal):
+    """Eager calls on plain tensors run the autograd.Function; its output and gradients equal the
+    custom ops' bit for bit (the same implementation underneath)."""
+    q, k, v, mask, b = _inputs(seed=2)
+    out = ca.flash_cosine_sim_attention(q, k, v, mask=mask, attn_bias=b, causal=causal)
+    assert type(out.grad_fn).__name__ == "_EagerAttentionBackward"
+    ref, _ = attn_forward(q, k, v, mask, b, 8.0, 1, causal, True, False, False)
+    assert "_EagerAttention" not in type(ref.grad_fn).__name__
+    assert torch.equal(out, ref)
+    dout = torch.randn_like(out)
+    for x, y in zip(torch.autograd.grad(out, (q, k, v, b), dout),
+                    torch.autograd.grad(ref, (q, k, v, b), dout)):
+        assert torch.equal(x, y)
+
+
+def test_eager_backward_refuses_inputs_modified_in_place():
+    q, k, v, _, _ = _inputs(bias=False)
+    out = ca.flash_cosine_sim_attention(q, k, v)
+    with torch.no_grad():
+        k.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
+def test_no_grad_calls_record_no_graph():
+    q, k, v, _, _ = _inputs(bias=False)
+    with torch.no_grad():
+        out = ca.flash_cosine_sim_attention(q, k, v)
+    assert out.grad_fn is None and not out.requires_grad
+
+
+def test_traced_calls_take_the_custom_op():
+    q, k, v, _, _ = _inputs(seed=3, bias=False)
+    graph = torch.fx.experimental.proxy_tensor.make_fx(
+        lambda q, k, v: ca.flash_cosine_sim_attention(q, k, v), tracing_mode="fake")(q, k, v)
+    assert "cupy_cosine_attn.forward" in str(graph.code)
