@@ -356,9 +356,10 @@ class _FakeTorch:
             log.append(("torch.device", idx))
             yield
 
+        self.current = 0
         self.cuda = SimpleNamespace(
-            device=device,
-            current_stream=lambda idx: log.append(("current_stream", idx)) or f"stream{idx}",
+            device=device, current_device=lambda: self.current,
+            current_stream=lambda idx: log.append(("current_stream", idx)) or SimpleNamespace(cuda_stream=4000 + idx),
             is_current_stream_capturing=lambda: capturing)
 
     def device(self, kind, index):
@@ -396,6 +397,7 @@ def test_bridge_call_context_for_torch_and_cupy(monkeypatch):
     fake_torch = _FakeTorch(log)
     import sys
     monkeypatch.setitem(sys.modules, "torch", fake_torch)
+    monkeypatch.setattr(gpu_bridge, "_STREAMS", {})
     problem = SimpleNamespace(kind="torch", device="cuda:1")
     with gpu_bridge._on_callers_stream(problem):
         ws = gpu_launch.workspace()
@@ -406,9 +408,17 @@ def test_bridge_call_context_for_torch_and_cupy(monkeypatch):
     assert kinds == ["torch.device", "cupy.Device", "current_stream", "from_external",
                      "using_allocator"], kinds
     assert inside[0][1] == 1 and inside[1][1] == 1 and inside[2][1] == 1
-    assert inside[3][1] == "stream1", "must launch on torch's current stream of the device"
+    assert inside[3][1].cuda_stream == 4001, "must launch on torch's current stream of the device"
     assert inside[4][1] == ws.malloc, "CuPy's own allocations must go to torch too"
     assert ("using_allocator.exit",) in log and ("cupy.Device.exit", 1) in log
+
+    # Again on the same stream, with device 1 already current: CuPy's view of the stream is
+    # reused, and torch's device is not switched.
+    log.clear()
+    fake_torch.current = 1
+    with gpu_bridge._on_callers_stream(problem):
+        again = list(log)
+    assert [e[0] for e in again] == ["cupy.Device", "current_stream", "using_allocator"], again
 
     log.clear()
     with gpu_bridge._on_callers_stream(SimpleNamespace(kind="cupy", device="cuda:2")):
