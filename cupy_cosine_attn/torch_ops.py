@@ -106,7 +106,10 @@ class _EagerAttention(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dout, dlse):
+        # once_differentiable: a second derivative raises (as the custom ops do) instead of
+        # silently treating these gradients as constants.
         from .api import _run_backward
         q, k, v, mask, bias, out, lse = ctx.saved_tensors
         *problem_args, deterministic = ctx.args

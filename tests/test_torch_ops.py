@@ -91,3 +91,15 @@ def test_traced_calls_take_the_custom_op():
     graph = torch.fx.experimental.proxy_tensor.make_fx(
         lambda q, k, v: ca.flash_cosine_sim_attention(q, k, v), tracing_mode="fake")(q, k, v)
     assert "cupy_cosine_attn.forward" in str(graph.code)
+
+
+@pytest.mark.parametrize("eager", [True, False])
+def test_second_derivatives_raise(eager):
+    """No second derivative is implemented: asking for one raises on both paths, never a silent
+    zero contribution."""
+    q, k, v, _, _ = _inputs(seed=4, bias=False)
+    out = (ca.flash_cosine_sim_attention(q, k, v) if eager
+           else attn_forward(q, k, v, None, None, 8.0, 1, False, True, False, False)[0])
+    with pytest.raises(RuntimeError, match="differentiate twice|no autograd formula"):
+        gq, = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+        (gq.sum() + v.sum()).backward()
