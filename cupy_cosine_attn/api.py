@@ -25,23 +25,29 @@ def _backend(problem: Problem) -> str:
     return "cpu" if problem.device == "cpu" else "gpu"
 
 
-def _run_forward(problem: Problem):
-    """(out, lse) in the caller's layout: out in the input dtype, lse float32 q.shape[:-1]."""
+def _run_forward(problem: Problem, keep_normalised=False):
+    """(out, lse) in the caller's layout: out in the input dtype, lse float32 q.shape[:-1].
+    keep_normalised: (out, lse, normalised), normalised as gpu_bridge.forward returns it on the
+    GPU (the normalised q, k and inverse norms for _run_backward), None on the CPU."""
     if _backend(problem) == "gpu":
         from . import gpu_bridge
-        return gpu_bridge.forward(problem)
+        return gpu_bridge.forward(problem, keep_normalised)
     ops = ops_for(problem.kind)
     out, lse = cpu_tiled.tiled_forward(problem)
     out = ops.reshape(ops.to_dtype_name(out, problem.dtype), problem.q_shape)
     lse = ops.reshape(ops.to_dtype_name(lse, lse_dtype(problem)), problem.lse_shape)
-    return out, lse
+    return (out, lse, None) if keep_normalised else (out, lse)
 
 
-def _run_backward(problem: Problem, dout, out, lse, deterministic=False):
-    """(dq, dk, dv, dbias) in the caller's shapes and dtype; dbias None without a bias."""
+def _run_backward(problem: Problem, dout, out, lse, deterministic=False, normalised=None):
+    """(dq, dk, dv, dbias) in the caller's shapes and dtype; dbias None without a bias.
+    normalised: (rq, rk) from _run_forward(keep_normalised=True) on the GPU, when problem's q
+    and k are the normalised ones it returned."""
     if _backend(problem) == "gpu":
         from . import gpu_bridge
-        return gpu_bridge.backward(problem, dout, out, lse, deterministic)
+        return gpu_bridge.backward(problem, dout, out, lse, deterministic, normalised)
+    if normalised is not None:
+        raise ValueError("normalised: only for GPU calls")
     ops = ops_for(problem.kind)
     b, h, hk, i, j, d = problem.dims
     dq, dk, dv, dbias = cpu_tiled.tiled_backward(

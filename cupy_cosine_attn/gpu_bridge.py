@@ -177,22 +177,38 @@ def _cupy_problem(problem: Problem) -> Problem:
                    v=_as_cupy(problem.v), mask=_as_cupy(problem.mask), bias=_as_cupy(problem.bias))
 
 
-def forward(problem: Problem):
-    """(out, lse) in the caller's framework and layout."""
+def forward(problem: Problem, keep_normalised=False):
+    """(out, lse) in the caller's framework and layout.
+
+    keep_normalised: return (out, lse, normalised) instead, normalised being (qhat, rq, khat, rk)
+    when the forward normalised q and k (qhat, khat in the caller's q and k shapes, contiguous;
+    rq, rk float32 inverse norms, a row per query or key and a column per group) or None: what
+    `backward(..., normalised=(rq, rk))` takes on a problem made from qhat and khat, instead of
+    normalising q and k again."""
+    from .gpu_launch import gpu_forward, keeps_normalised
     b, h, hk, i, j, d = problem.dims
     out = _empty(problem, problem.q_shape, problem.dtype)
     lse = _empty(problem, problem.lse_shape, "float32")
-    if math.prod(problem.q_shape) == 0 and math.prod(problem.lse_shape) == 0:
-        return out, lse
-    from .gpu_launch import gpu_forward
-    with _on_callers_stream(problem):
-        gpu_forward(_cupy_problem(problem), _as_cupy(out).reshape(b, h, i, d),
-                    _as_cupy(lse).reshape(b, h, i))
-    return out, lse
+    kept = None
+    if keep_normalised and keeps_normalised(problem):
+        kept = (_empty(problem, problem.q_shape, problem.dtype),
+                _empty(problem, (b * h * i, problem.groups), "float32"),
+                _empty(problem, problem.k_shape, problem.dtype),
+                _empty(problem, (b * hk * j, problem.groups), "float32"))
+    if math.prod(problem.q_shape) or math.prod(problem.lse_shape):
+        with _on_callers_stream(problem):
+            keep = None
+            if kept is not None:
+                keep = (_as_cupy(kept[0]).reshape(b, h, i, d), _as_cupy(kept[1]),
+                        _as_cupy(kept[2]).reshape(b, hk, j, d), _as_cupy(kept[3]))
+            gpu_forward(_cupy_problem(problem), _as_cupy(out).reshape(b, h, i, d),
+                        _as_cupy(lse).reshape(b, h, i), keep)
+    return (out, lse, kept) if keep_normalised else (out, lse)
 
 
-def backward(problem: Problem, dout, out, lse, deterministic=False):
-    """(dq, dk, dv, dbias) in the caller's framework and shapes."""
+def backward(problem: Problem, dout, out, lse, deterministic=False, normalised=None):
+    """(dq, dk, dv, dbias) in the caller's framework and shapes; normalised: (rq, rk) of
+    forward(keep_normalised=True) when problem's q and k are its qhat and khat."""
     b, h, hk, i, j, d = problem.dims
     dq = _empty(problem, problem.q_shape, problem.dtype)
     dk = _empty(problem, problem.k_shape, problem.dtype)
@@ -209,5 +225,6 @@ def backward(problem: Problem, dout, out, lse, deterministic=False):
                      _as_cupy(_contiguous(lse)).reshape(b, h, i),
                      _as_cupy(dq).reshape(b, h, i, d), _as_cupy(dk).reshape(b, hk, j, d),
                      _as_cupy(dv).reshape(b, hk, j, d), canon_bias,
-                     deterministic=deterministic)
+                     deterministic=deterministic,
+                     normalised=None if normalised is None else tuple(map(_as_cupy, normalised)))
     return dq, dk, dv, dbias

@@ -281,16 +281,16 @@ def contiguous_aligned(x):
     return y
 
 
-def normalize(x, dtype, groups, l2norm):
-    """(xhat contiguous, r (rows, groups) float32 or None) -- docs/semantics.md's grouped l2norm."""
+def normalize(x, dtype, groups, l2norm, dst=None):
+    """(xhat contiguous, r (rows, groups) float32 or None) -- docs/semantics.md's grouped l2norm.
+    dst: (xhat, r) arrays to write them into (contiguous, 16-byte aligned), else workspace ones."""
     x = contiguous_aligned(x)
     if not l2norm:
         return x, None
     d = x.shape[-1]
     rows = x.size // d if d else 0
     ws = workspace()
-    xhat = ws.empty(x.shape, x.dtype)
-    r = ws.empty((rows, groups), np.float32)
+    xhat, r = dst if dst is not None else (ws.empty(x.shape, x.dtype), ws.empty((rows, groups), np.float32))
     if rows:
         layout = row_v8_layout(d, groups)
         if not (layout and _v8_launch("l2norm_rows", dtype, rows, layout[0], (x, xhat, r),
@@ -384,10 +384,25 @@ def choose_shift(problem, q, k):
 # Forward
 # ---------------------------------------------------------------------------------------------
 
-def gpu_forward(problem, out, lse):
-    """Write out (b, h, i, d) and lse (b, h, i) float32 of a canonical CuPy Problem."""
+def keeps_normalised(problem):
+    """True when gpu_forward can hand its normalised q, k (and their inverse norms) to the
+    backward: l2norm_qk and at least one query and one key."""
+    b, h, hk, i, j, d = problem.dims
+    return problem.l2norm_qk and b * h * i > 0 and j > 0
+
+
+def gpu_forward(problem, out, lse, keep=None):
+    """Write out (b, h, i, d) and lse (b, h, i) float32 of a canonical CuPy Problem.
+
+    keep (only where keeps_normalised): arrays (qhat (b, h, i, d), rq (b*h*i, groups) float32,
+    khat (b, hk, j, d), rk (b*hk*j, groups) float32) that receive the normalised q, k and their
+    inverse norms, so that gpu_backward(normalised=(rq, rk)) on qhat, khat skips normalising
+    them again (two passes over q and k per training step)."""
     b, h, hk, i, j, d = problem.dims
     check_head_dim(d)
+    if keep is not None and not keeps_normalised(problem):
+        raise ValueError("keep: only calls with l2norm_qk and at least one query and key "
+                         "normalise q and k")
     if b * h * i == 0:
         return
     if j == 0:                      # no keys: every row sees nothing
@@ -395,8 +410,9 @@ def gpu_forward(problem, out, lse):
         lse[...] = -np.inf
         return
     dtype = problem.dtype
-    qhat, _ = normalize(problem.q, dtype, problem.groups, problem.l2norm_qk)
-    khat, _ = normalize(problem.k, dtype, problem.groups, problem.l2norm_qk)
+    qdst, kdst = (keep[:2], keep[2:]) if keep is not None else (None, None)
+    qhat, _ = normalize(problem.q, dtype, problem.groups, problem.l2norm_qk, qdst)
+    khat, _ = normalize(problem.k, dtype, problem.groups, problem.l2norm_qk, kdst)
     v = contiguous_aligned(problem.v)
     shift = choose_shift(problem, qhat, khat)
     launch_forward(problem, qhat, khat, v, out, lse, shift)
@@ -532,13 +548,19 @@ def sum_to_bias_shape(full, bias_shape):
     return red
 
 
-def gpu_backward(problem, dout, out, lse, dq, dk, dv, dbias, deterministic=False):
+def gpu_backward(problem, dout, out, lse, dq, dk, dv, dbias, deterministic=False,
+                 normalised=None):
     """Write dq, dk, dv (and dbias, canonical (bb, hb, i, j)) of a canonical CuPy Problem.
 
     No host synchronisation: the backward reads the forward's lse, never a shift.
+    normalised: (rq, rk) from gpu_forward's `keep`, when problem.q and problem.k are that
+    forward's normalised qhat and khat (problem.l2norm_qk still set: dq, dk are the gradients
+    of the caller's q and k, through the normalisation).
     """
     b, h, hk, i, j, d = problem.dims
     check_head_dim(d)
+    if normalised is not None and not problem.l2norm_qk:
+        raise ValueError("normalised: only for calls with l2norm_qk")
     dtype = problem.dtype
     ws = workspace()
     if dbias is not None:
@@ -549,8 +571,12 @@ def gpu_backward(problem, dout, out, lse, dq, dk, dv, dbias, deterministic=False
         return
     # From here the kernels write every element of dq, dk and dv (the suite checks it with
     # NaN-poisoned outputs), so they are not cleared first: 3 fewer passes over memory.
-    qhat, rq = normalize(problem.q, dtype, problem.groups, problem.l2norm_qk)
-    khat, rk = normalize(problem.k, dtype, problem.groups, problem.l2norm_qk)
+    if normalised is not None:
+        qhat, khat = contiguous_aligned(problem.q), contiguous_aligned(problem.k)
+        rq, rk = normalised
+    else:
+        qhat, rq = normalize(problem.q, dtype, problem.groups, problem.l2norm_qk)
+        khat, rk = normalize(problem.k, dtype, problem.groups, problem.l2norm_qk)
     v = contiguous_aligned(problem.v)
     dout = contiguous_aligned(dout)
     out = contiguous_aligned(out)

@@ -94,13 +94,22 @@ def _eager(tensors):
 
 class _EagerAttention(torch.autograd.Function):
     """The custom ops' forward and backward for eager calls, without the op dispatch. (forward
-    takes ctx: the setup_context form binds default arguments through inspect on every call.)"""
+    takes ctx: the setup_context form binds default arguments through inspect on every call.)
+
+    On the GPU it saves the forward's normalised q and k (and their inverse norms) instead of q
+    and k, so the backward does not normalise them again: the same values (the normalisation
+    is deterministic), two fewer passes over q and k per training step. The gradients are then
+    those of q and k as the forward saw them, whatever happens to q and k afterwards."""
 
     @staticmethod
     def forward(ctx, problem, args, q, k, v, mask, bias):
         from .api import _run_forward
-        out, lse = _run_forward(problem)
-        ctx.save_for_backward(q, k, v, mask, bias, out, lse)
+        out, lse, normalised = _run_forward(problem, keep_normalised=True)
+        if normalised is None:
+            ctx.save_for_backward(q, k, v, mask, bias, out, lse)
+        else:
+            qhat, rq, khat, rk = normalised
+            ctx.save_for_backward(qhat, khat, v, mask, bias, out, lse, rq, rk)
         ctx.args = args
         ctx.mark_non_differentiable(lse)
         return out, lse
@@ -111,10 +120,11 @@ class _EagerAttention(torch.autograd.Function):
         # once_differentiable: a second derivative raises (as the custom ops do) instead of
         # silently treating these gradients as constants.
         from .api import _run_backward
-        q, k, v, mask, bias, out, lse = ctx.saved_tensors
+        q, k, v, mask, bias, out, lse, *normalised = ctx.saved_tensors
         *problem_args, deterministic = ctx.args
         problem = _problem(q, k, v, mask, bias, *problem_args)
-        dq, dk, dv, dbias = _run_backward(problem, dout.contiguous(), out, lse, deterministic)
+        dq, dk, dv, dbias = _run_backward(problem, dout.contiguous(), out, lse, deterministic,
+                                          tuple(normalised) or None)
         return None, None, dq, dk, dv, None, dbias
 
 

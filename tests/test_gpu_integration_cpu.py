@@ -636,6 +636,51 @@ def test_fake_hopper_dispatch(fake_gpu, monkeypatch):
     assert calls == [("bwd", "__half", 64, 25)]
 
 
+def test_fake_forward_keeps_the_normalised_inputs_for_the_backward(fake_gpu):
+    """keep: the forward normalises q and k into the caller's arrays (no workspace copies of
+    them), and a backward handed those arrays and norms launches no normalisation, only the
+    gradient through it, reading the kept norms."""
+    p = _fake_problem(dtype="float16", i=8, j=12)
+    b, h, hk, i, j, d = p.dims
+    keep = (_dev(np.zeros((b, h, i, d), np.float16)), _dev(np.zeros((b * h * i, 1), np.float32)),
+            _dev(np.zeros((b, hk, j, d), np.float16)), _dev(np.zeros((b * hk * j, 1), np.float32)))
+    ws = RecordingWorkspace(False)
+    with gpu_launch.using_workspace(ws):
+        gpu_launch.gpu_forward(p, _dev(np.zeros((b, h, i, d), p.dtype)),
+                               _dev(np.zeros((b, h, i), np.float32)), keep)
+    assert ws.shapes == []
+    norm = [e for e in fake_gpu if e[0] == "launch" and e[1].startswith("l2norm_rows")]
+    assert [(e[4][1], e[4][2]) for e in norm] == [(keep[0], keep[1]), (keep[2], keep[3])]
+    fake_gpu.clear()
+    p2 = make_problem(keep[0], keep[2], p.v)
+    ws = RecordingWorkspace(False)
+    z = lambda *s, t=np.float16: _dev(np.zeros(s, t))   # noqa: E731
+    with gpu_launch.using_workspace(ws):
+        gpu_launch.gpu_backward(p2, z(b, h, i, d), z(b, h, i, d), z(b, h, i, t=np.float32),
+                                z(b, h, i, d), z(b, hk, j, d), z(b, hk, j, d), None,
+                                normalised=(keep[1], keep[3]))
+    names = _launched(fake_gpu)
+    assert not any(n.startswith("l2norm_rows") for n in names)
+    grads = [e for e in fake_gpu if e[0] == "launch" and e[1].startswith("l2norm_backward")]
+    assert [(e[4][1], e[4][2]) for e in grads] == [(keep[0], keep[1]), (keep[2], keep[3])]
+
+
+def test_fake_keep_and_normalised_need_l2norm(fake_gpu):
+    p = _fake_problem(l2norm=False)
+    b, h, hk, i, j, d = p.dims
+    z = lambda *s, t=np.float16: _dev(np.zeros(s, t))   # noqa: E731
+    with pytest.raises(ValueError, match="keep"):
+        gpu_launch.gpu_forward(p, z(b, h, i, d), z(b, h, i, t=np.float32),
+                               (z(b, h, i, d), z(b * h * i, 1, t=np.float32),
+                                z(b, hk, j, d), z(b * hk * j, 1, t=np.float32)))
+    with pytest.raises(ValueError, match="normalised"):
+        gpu_launch.gpu_backward(p, z(b, h, i, d), z(b, h, i, d), z(b, h, i, t=np.float32),
+                                z(b, h, i, d), z(b, hk, j, d), z(b, hk, j, d), None,
+                                normalised=(z(b * h * i, 1, t=np.float32),
+                                            z(b * hk * j, 1, t=np.float32)))
+    assert _launched(fake_gpu) == []
+
+
 def test_row_v8_layout():
     """Threads per row and per summed group of the 8-elements-per-thread normalisation passes."""
     assert gpu_launch.row_v8_layout(64, 1) == (8, 8)
