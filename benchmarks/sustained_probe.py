@@ -7,7 +7,6 @@ GPU at its highest clock. Run it under benchmarks/gpu_clocks.sh to see the clock
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import time
 
@@ -17,6 +16,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import cupy_cosine_attn as ca
 from cupy_cosine_attn.bench import MODE_FACTOR, forward_flops
+from variance_probe import cell_parser, cell_shape   # this directory (run as a script)
 
 
 def contenders(causal):
@@ -31,19 +31,13 @@ def contenders(causal):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--dtype", default="bf16", choices=["fp16", "bf16"])
-    ap.add_argument("--d", type=int, default=128)
-    ap.add_argument("--n", type=int, default=16384)
-    ap.add_argument("--tokens", type=int, default=32768)
-    ap.add_argument("--causal", action="store_true")
+    ap = cell_parser(__doc__)
     ap.add_argument("--mode", default="fwd", choices=["fwd", "fwdbwd"])
     ap.add_argument("--seconds", type=float, default=6.0, help="load per contender")
     ap.add_argument("--measure", type=float, default=3.0, help="timed tail of that load")
     ap.add_argument("--pause", type=float, default=3.0, help="idle seconds between contenders")
     a = ap.parse_args()
-    dtype = torch.float16 if a.dtype == "fp16" else torch.bfloat16
-    b, h = a.tokens // a.n, 2048 // a.d
+    dtype, b, h = cell_shape(a)
     flops = forward_flops(b, h, a.n, a.n, a.d, a.causal) * MODE_FACTOR[a.mode]
     q, k, v = (torch.randn(b, h, a.n, a.d, device="cuda", dtype=dtype, requires_grad=a.mode == "fwdbwd")
                for _ in range(3))

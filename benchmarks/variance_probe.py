@@ -18,18 +18,29 @@ import cupy_cosine_attn as ca
 from cupy_cosine_attn.bench import Timer, forward_flops
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def cell_parser(doc):
+    """Arguments naming one benchmark cell (the CLI's default shapes: b·n tokens, 2048/d heads),
+    shared with sustained_probe.py."""
+    ap = argparse.ArgumentParser(description=doc)
     ap.add_argument("--dtype", default="bf16", choices=["fp16", "bf16"])
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--n", type=int, default=16384)
     ap.add_argument("--tokens", type=int, default=32768)
     ap.add_argument("--causal", action="store_true")
+    return ap
+
+
+def cell_shape(a):
+    """(torch dtype, batch, heads) of the parsed cell."""
+    return torch.float16 if a.dtype == "fp16" else torch.bfloat16, a.tokens // a.n, 2048 // a.d
+
+
+def main():
+    ap = cell_parser(__doc__)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=10)
     a = ap.parse_args()
-    dtype = torch.float16 if a.dtype == "fp16" else torch.bfloat16
-    b, h = a.tokens // a.n, 2048 // a.d
+    dtype, b, h = cell_shape(a)
     flops = forward_flops(b, h, a.n, a.n, a.d, a.causal)
     timer = Timer("cuda:0")
     kept = []
